@@ -1,0 +1,44 @@
+"""The host-neutral view of a model that every editing engine works through.
+
+An adapter per host (diffusers pipeline, ComfyUI MODEL/CLIP) implements this; engines never
+import diffusers or ComfyUI themselves. Layer names are canonical: diffusers module paths
+prefixed by the pipeline component (``unet.``, ``text_encoder.``, ``text_encoder_2.``).
+"""
+from __future__ import annotations
+
+import torch
+
+CROSS_ATTN_SUFFIXES = ("attn2.to_k", "attn2.to_v")
+
+
+class PromptTooLongError(ValueError):
+    def __init__(self, text: str, n: int, limit: int):
+        super().__init__(f"prompt {text!r} is {n} tokens long; the tokenizer limit is {limit} (including BOS/EOS)")
+
+
+class EditableModel:
+    """Protocol (duck-typed) of what engines need from a model.
+
+    Attributes: ``family`` ("sd1" | "sd2" | "sdxl"), ``key_dim`` (width of the text states
+    the UNet's cross-attention reads), ``max_tokens`` (77), ``tokenizer`` (a CLIPTokenizer,
+    used for BOS/EOS ids).
+    """
+
+    family: str
+    key_dim: int
+    max_tokens: int
+
+    def token_ids(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_ids(self, id_lists: list[list[int]]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def padded_ids(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def cross_attention_weights(self) -> dict[str, torch.nn.Parameter]:
+        raise NotImplementedError
+
+    def weights(self, names) -> dict[str, torch.nn.Parameter]:
+        raise NotImplementedError

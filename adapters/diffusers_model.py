@@ -1,0 +1,180 @@
+"""Host adapter for diffusers pipelines: load from disk, find editable layers, encode prompts.
+
+Implements the :class:`concept_edit.adapters.base.EditableModel` protocol that the engines use.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+
+from .base import CROSS_ATTN_SUFFIXES, EditableModel, PromptTooLongError
+
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+def _pipeline_class(name: str):
+    import diffusers
+
+    if name not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
+        raise ModelLoadError(
+            f"unsupported pipeline class {name!r}; ConceptEdit supports StableDiffusionPipeline (SD 1.x/2.x) "
+            "and StableDiffusionXLPipeline"
+        )
+    return getattr(diffusers, name)
+
+
+def load_pipeline(
+    path: str | Path,
+    *,
+    config: str | Path | None = None,
+    allow_pickle: bool = False,
+    dtype: torch.dtype = torch.float32,
+):
+    """Load a local diffusers folder or a single checkpoint file; never contacts a model hub.
+
+    A single ``.safetensors`` file needs ``config``: a local diffusers folder of the same
+    architecture (its component configs and tokenizer are used, its weights are not).
+    Pickled checkpoints (.ckpt/.pt/.bin) run arbitrary code when loaded, so they are refused
+    unless ``allow_pickle`` is set.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"model path {path} does not exist")
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.exists():
+            raise ModelLoadError(f"{path} is not a diffusers folder (no model_index.json)")
+        cls = _pipeline_class(json.loads(index.read_text())["_class_name"])
+        kw = {"safety_checker": None, "requires_safety_checker": False} if cls.__name__ == "StableDiffusionPipeline" else {}
+        return cls.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **kw)
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES and not allow_pickle:
+        raise ModelLoadError(
+            f"{path.name} is a pickled checkpoint, which can execute code when loaded; convert it to "
+            ".safetensors or pass allow_pickle=True (CLI: --allow-pickle) if you trust its source"
+        )
+    if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
+        raise ModelLoadError(f"unrecognised model file type {suffix!r}; expected a diffusers folder or .safetensors")
+    if config is None:
+        raise ModelLoadError(
+            f"loading the single file {path.name} needs a local config: pass config=<diffusers folder> "
+            "(CLI: --config DIR) of the same architecture; no model hub is reachable"
+        )
+    config = Path(config)
+    cls = _pipeline_class(json.loads((config / "model_index.json").read_text())["_class_name"])
+    kw = {"safety_checker": None, "requires_safety_checker": False} if cls.__name__ == "StableDiffusionPipeline" else {}
+    try:
+        return cls.from_single_file(str(path), config=str(config), local_files_only=True, torch_dtype=dtype, **kw)
+    except OSError as e:  # diffusers reports a missing hub file as OSError
+        raise ModelLoadError(f"could not load {path.name} with config {config}: {e}") from e
+
+
+class DiffusersModel(EditableModel):
+    """A StableDiffusion(XL)Pipeline seen through the EditableModel protocol."""
+
+    def __init__(self, pipe, *, autocast_dtype: torch.dtype | None = None, batch_size: int = 64):
+        self.pipe = pipe
+        self.autocast_dtype = autocast_dtype
+        self.batch_size = batch_size
+        te2 = getattr(pipe, "text_encoder_2", None)
+        self.encoders = [pipe.text_encoder] + ([te2] if te2 is not None else [])
+        self.tokenizer = pipe.tokenizer
+        if te2 is not None:
+            self.family = "sdxl"
+        elif pipe.text_encoder.config.hidden_size >= 1024:
+            self.family = "sd2"
+        else:
+            self.family = "sd1"
+        self.max_tokens = self.tokenizer.model_max_length
+        self.key_dim = pipe.unet.config.cross_attention_dim
+
+    # -- tokens ---------------------------------------------------------------
+    def token_ids(self, text: str) -> list[int]:
+        """Content token ids of ``text`` (no BOS/EOS)."""
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    # -- encoding -------------------------------------------------------------
+    def _hidden(self, enc, ids: torch.Tensor) -> torch.Tensor:
+        if self.family == "sdxl":
+            # SDXL's UNet reads the penultimate layer of both encoders (no final layer norm).
+            out = enc(ids, output_hidden_states=True)
+            return out.hidden_states[-2]
+        return enc(ids)[0]
+
+    @torch.no_grad()
+    def encode_ids(self, id_lists: list[list[int]]) -> list[torch.Tensor]:
+        """Hidden states the UNet reads (L_i x key_dim, float32) for full id sequences (BOS..).
+
+        Sequences are batched by length and right-padded with EOS: CLIP is causal, so the
+        padding never changes earlier positions and each prompt costs only its real length.
+        """
+        out: list[torch.Tensor | None] = [None] * len(id_lists)
+        order = sorted(range(len(id_lists)), key=lambda i: len(id_lists[i]))
+        eos = self.tokenizer.eos_token_id
+        dev = self.encoders[0].device
+        ctx = (
+            torch.autocast("cpu" if dev.type == "cpu" else dev.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype
+            else contextlib.nullcontext()
+        )
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            width = max(len(id_lists[i]) for i in chunk)
+            ids = torch.full((len(chunk), width), eos, dtype=torch.long)
+            for r, i in enumerate(chunk):
+                ids[r, : len(id_lists[i])] = torch.tensor(id_lists[i])
+            ids = ids.to(dev)
+            with ctx:
+                hs = torch.cat([self._hidden(enc, ids).float() for enc in self.encoders], dim=-1)
+            for r, i in enumerate(chunk):
+                out[i] = hs[r, : len(id_lists[i])].cpu()
+        return out  # type: ignore[return-value]
+
+    def padded_ids(self, text: str) -> list[int]:
+        """The ids the pipeline itself feeds for ``text``: BOS, tokens, EOS, padding to max length."""
+        ids = self.tokenizer(text, padding="max_length", max_length=self.max_tokens, truncation=False).input_ids
+        if len(ids) > self.max_tokens:
+            raise PromptTooLongError(text, len(ids), self.max_tokens)
+        return ids
+
+    # -- layers ---------------------------------------------------------------
+    def cross_attention_weights(self) -> dict[str, torch.nn.Parameter]:
+        return {
+            f"unet.{name}": mod.weight
+            for name, mod in self.pipe.unet.named_modules()
+            if name.endswith(CROSS_ATTN_SUFFIXES)
+        }
+
+    def weights(self, names) -> dict[str, torch.nn.Parameter]:
+        """Map canonical layer names (``component.module.path``) to their weight parameters."""
+        found = {}
+        for name in names:
+            comp, _, sub = name.partition(".")
+            owner = getattr(self.pipe, comp, None)
+            if owner is None:
+                raise KeyError(f"pipeline has no component {comp!r} (layer {name})")
+            try:
+                found[name] = owner.get_submodule(sub).weight
+            except AttributeError as e:
+                raise KeyError(f"layer {name} not found in this model") from e
+        return found
+
+    def all_weights(self) -> dict[str, torch.nn.Parameter]:
+        """Every Linear weight of the UNet and text encoders under canonical names."""
+        comps = ["unet", "text_encoder", "text_encoder_2"]
+        out = {}
+        for comp in comps:
+            m = getattr(self.pipe, comp, None)
+            if m is None:
+                continue
+            for name, mod in m.named_modules():
+                if isinstance(mod, torch.nn.Linear):
+                    out[f"{comp}.{name}"] = mod.weight
+        return out
