@@ -88,7 +88,8 @@ class DiffusersModel(EditableModel):
         self.tokenizer = pipe.tokenizer
         if te2 is not None:
             self.family = "sdxl"
-        elif pipe.text_encoder.config.hidden_size >= 1024:
+        elif pipe.text_encoder.config.hidden_size >= 1024 or self.tokenizer.pad_token == "!":
+            # SD 2.x: OpenCLIP ViT-H (1024 wide); its tokenizer pads with "!" rather than EOS.
             self.family = "sd2"
         else:
             self.family = "sd1"

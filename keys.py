@@ -1,0 +1,110 @@
+"""Prompts -> key matrices: token selection over an EditableModel, with encoding cached per text.
+
+Two token selections, as in UCE:
+- ``last``: the key at the last token of the concept inside its prompt. CLIP's text encoder
+  is causal, so that key depends only on the tokens up to it: we encode just that prefix.
+- ``aligned``: UCE's original choice: from the last subject token through EOS and the padding,
+  source and destination aligned from their subject tokens (needs full 77-token encodings).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .adapters.base import EditableModel, PromptTooLongError
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    subject_end: int  # character offset one past the concept inside ``text``
+
+
+def expand(concept: str, templates: list[str]) -> list[Prompt]:
+    """Fill each template's ``{}`` with ``concept``."""
+    out = []
+    for t in templates:
+        if t.count("{}") != 1:
+            raise ValueError(f"template {t!r} must contain exactly one '{{}}'")
+        pre = t.split("{}")[0]
+        text = t.replace("{}", concept)
+        out.append(Prompt(text, len(pre) + len(concept)))
+    return out
+
+
+class UnknownConceptError(ValueError):
+    pass
+
+
+class KeyEncoder:
+    """Turns prompts into keys through ``model``, encoding each distinct token sequence once."""
+
+    def __init__(self, model: EditableModel):
+        self.model = model
+        tok = model.tokenizer
+        self.bos, self.eos = tok.bos_token_id, tok.eos_token_id
+
+    def _content_ids(self, p: Prompt) -> tuple[list[int], int]:
+        """(ids of the whole text, number of ids up to and including the subject)."""
+        ids = self.model.token_ids(p.text)
+        if len(ids) + 2 > self.model.max_tokens:
+            raise PromptTooLongError(p.text, len(ids) + 2, self.model.max_tokens)
+        if self.eos in ids:  # tokenizers map words they do not know to the unknown (=EOS) token
+            raise UnknownConceptError(f"prompt {p.text!r} contains words this model's tokenizer does not know")
+        n_sub = len(self.model.token_ids(p.text[: p.subject_end])) if p.subject_end else 0
+        return ids, n_sub
+
+    def _encode(self, seqs: list[tuple[int, ...]]) -> dict[tuple[int, ...], torch.Tensor]:
+        distinct = list(dict.fromkeys(seqs))
+        states = self.model.encode_ids([list(s) for s in distinct])
+        return dict(zip(distinct, states))
+
+    def last_token_keys(self, prompts: list[Prompt], *, empty_all_tokens: bool = False) -> tuple[torch.Tensor, list[int]]:
+        """Keys at each prompt's last subject token; returns (keys, owner index per key row).
+
+        A prompt with no subject tokens (the empty concept) yields its BOS key, or with
+        ``empty_all_tokens`` both BOS and EOS (used for the "" preserve concept).
+        """
+        seqs, owners = [], []
+        for i, p in enumerate(prompts):
+            ids, n_sub = self._content_ids(p)
+            if n_sub == 0 and empty_all_tokens:
+                seqs += [(self.bos,), (self.bos, *ids, self.eos)]
+                owners += [i, i]
+            else:
+                seqs.append((self.bos, *ids[:n_sub]))
+                owners.append(i)
+        cache = self._encode(seqs)
+        return torch.stack([cache[s][-1] for s in seqs]), owners
+
+    def _full(self, prompts: list[Prompt]):
+        info = [self._content_ids(p) for p in prompts]
+        padded = [tuple(self.model.padded_ids(p.text)) for p in prompts]
+        return info, padded, self._encode(padded)
+
+    def aligned_keys(self, src: list[Prompt], dst: list[Prompt]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """UCE's aligned selection: rows from each subject token to the end, source and destination
+        trimmed to equal length. Returns (source keys, destination keys, owner index per row)."""
+        if len(src) != len(dst):
+            raise ValueError("aligned keys need one destination prompt per source prompt")
+        L = self.model.max_tokens
+        s_info, s_pad, s_cache = self._full(src)
+        d_info, d_pad, d_cache = self._full(dst)
+        K, T, owners = [], [], []
+        for i in range(len(src)):
+            a, b = s_info[i][1], d_info[i][1]  # subject token index (BOS is 0)
+            far = max(a, b)
+            K.append(s_cache[s_pad[i]][a : L - (far - a)])
+            T.append(d_cache[d_pad[i]][b : L - (far - b)])
+            owners += [i] * (L - far)
+        return torch.cat(K), torch.cat(T), owners
+
+    def all_token_keys(self, prompts: list[Prompt]) -> tuple[torch.Tensor, list[int]]:
+        """Rows from each prompt's subject token to the end of the padded sequence (aligned preserve)."""
+        info, padded, cache = self._full(prompts)
+        rows, owners = [], []
+        for i, (_, n_sub) in enumerate(info):
+            rows.append(cache[padded[i]][n_sub:])
+            owners += [i] * (self.model.max_tokens - n_sub)
+        return torch.cat(rows), owners

@@ -1,0 +1,108 @@
+"""Tiny SD 1.x / SD 2.x / SDXL pipelines with random weights and the real CLIP tokenizer.
+
+Used by the tests, helpers and benchmarks: same classes and layer names as the real
+families, small enough to build in a second on a CPU. Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import torch
+
+from .tokenizer_files import clip_tokenizer_dir
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+
+
+def _clip_config(hidden: int, *, projection: int | None = None, act: str = "quick_gelu"):
+    from transformers import CLIPTextConfig
+
+    kw = {"projection_dim": projection} if projection else {}
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=1,
+        hidden_act=act,
+        **kw,
+    )
+
+
+def build_tiny_pipeline(family: str = "sd1", *, seed: int = 0):
+    """A randomly initialised StableDiffusion(XL)Pipeline of the given family."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}")
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    common = dict(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=8,
+    )
+    if family == "sd1":
+        te = CLIPTextModel(_clip_config(32))
+        unet = UNet2DConditionModel(cross_attention_dim=32, attention_head_dim=4, **common)
+        tok = CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir()))
+        sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        return StableDiffusionPipeline(
+            vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    if family == "sd2":
+        te = CLIPTextModel(_clip_config(64, act="gelu"))
+        unet = UNet2DConditionModel(cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True, **common)
+        tok = CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir(pad_token="!")))
+        sched = DDIMScheduler(
+            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+            set_alpha_to_one=False, prediction_type="v_prediction", steps_offset=1,
+        )
+        return StableDiffusionPipeline(
+            vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    te1 = CLIPTextModel(_clip_config(32))
+    te2 = CLIPTextModelWithProjection(_clip_config(32, projection=32, act="gelu"))
+    unet = UNet2DConditionModel(
+        cross_attention_dim=64,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,  # 6 * 8 time ids + 32 pooled
+        **common,
+    )
+    tok = CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir()))
+    tok2 = CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir(pad_token="!")))
+    sched = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok2, unet=unet, scheduler=sched,
+        force_zeros_for_empty_prompt=True,
+    )
