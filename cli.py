@@ -1,0 +1,257 @@
+"""concept-edit: edit, apply, export, info and demo from the command line.
+
+The CLI only parses arguments and calls the library: everything it does is one function call away.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+SUBJECT_TEMPLATE = "a photo of {}"
+
+
+def _load(args):
+    import torch
+
+    from .adapters.diffusers_model import DiffusersModel, load_pipeline
+    from .bundled import default_model_path
+
+    path = args.model or default_model_path()
+    pipe = load_pipeline(path, config=args.config, allow_pickle=args.allow_pickle)
+    model = DiffusersModel(pipe, autocast_dtype=torch.bfloat16 if getattr(args, "bf16", False) else None)
+    return path, pipe, model
+
+
+def _plan_from_args(args):
+    from .edits import load_plan, plan_from_dict
+
+    if args.plan:
+        plan = load_plan(args.plan)
+        if args.method:
+            plan.method = args.method
+        return plan
+    edits = [{"erase": c} for c in args.erase or []]
+    edits += [{"erase": c, "type": "style"} for c in args.erase_style or []]
+    for r in args.replace or []:
+        if "=" not in r:
+            raise SystemExit(f"--replace takes SOURCE=DESTINATION, got {r!r}")
+        s, d = r.split("=", 1)
+        edits.append({"replace": s, "with": d})
+    edits += [{"moderate": c} for c in args.moderate or []]
+    for d in args.debias or []:
+        if ":" not in d:
+            raise SystemExit(f"--debias takes CONCEPT:attr1,attr2[:alpha1,alpha2], got {d!r}")
+        parts = d.split(":")
+        e = {"debias": parts[0], "attributes": parts[1].split(",")}
+        if len(parts) > 2:
+            e["alphas"] = [float(x) for x in parts[2].split(",")]
+        edits.append(e)
+    if args.guide is not None:
+        for e in edits:
+            if "erase" in e:
+                e["guide"] = args.guide
+    d = {"edits": edits, "preserve": args.preserve or [], "method": args.method or "uce", "lambda": args.lam,
+         "token": args.token, "templates": args.template or ["{}"]}
+    return plan_from_dict(d)
+
+
+def _save(delta, out, fmt, rank, overwrite):
+    from .formats import save_diff, save_lora
+
+    if fmt == "diff":
+        save_diff(delta, out, overwrite=overwrite)
+        return {}
+    return save_lora(delta, out, rank=rank, overwrite=overwrite)
+
+
+def cmd_edit(args):
+    from .methods import compute_delta
+
+    plan = _plan_from_args(args)
+    path, pipe, model = _load(args)
+    t0 = time.perf_counter()
+    delta = compute_delta(model, plan)
+    dt = time.perf_counter() - t0
+    info = _save(delta, args.output, args.format, args.rank, args.overwrite)
+    print(f"{len(plan.edits)} edit(s) on {path} [{model.family}] in {dt:.2f}s -> {args.output} "
+          f"({len(delta.layers)} layers, rank <= {delta.max_rank})")
+    if info.get("max_rel_error"):
+        print(f"rank {args.rank} truncation: max relative error {info['max_rel_error']:.3g}")
+
+
+def _prompts(args, delta):
+    if args.prompt:
+        return args.prompt
+    concepts = [e["source"] for e in delta.metadata.get("edits", [])] + delta.metadata.get("preserve", [])[:3]
+    return [SUBJECT_TEMPLATE.format(c) for c in concepts]
+
+
+def before_after(pipe, model, delta, prompts, *, scale=1.0, seed=0, steps=20, force=False):
+    """(before images, after images) with identical seeds; the delta is removed afterwards."""
+    from .apply import apply_delta
+    from .generate import generate
+
+    before = generate(pipe, prompts, seed=seed, steps=steps)
+    handle = apply_delta(delta, model.weights(delta.layers), scale=scale, check_fingerprint=not force)
+    try:
+        after = generate(pipe, prompts, seed=seed, steps=steps)
+    finally:
+        handle.remove()
+    return before, after
+
+
+def _write_grid(prompts, before, after, out, overwrite):
+    from .fileio import atomic_path
+    from .generate import image_grid
+
+    grid = image_grid([before, after], ["before", "after"], prompts)
+    with atomic_path(out, overwrite) as tmp:
+        grid.save(tmp, format="PNG")
+
+
+def cmd_apply(args):
+    from .formats import load_delta
+
+    path, pipe, model = _load(args)
+    delta = load_delta(args.delta, known_layers=model.all_weights())
+    prompts = _prompts(args, delta)
+    before, after = before_after(pipe, model, delta, prompts, scale=args.scale, seed=args.seed, steps=args.steps, force=args.force)
+    _write_grid(prompts, before, after, args.output, args.overwrite)
+    print(f"before/after grid for {len(prompts)} prompt(s) -> {args.output}")
+
+
+def cmd_export(args):
+    from .export import export_diffusers, export_single_file
+    from .formats import load_delta
+
+    path, pipe, model = _load(args)
+    delta = load_delta(args.delta, known_layers=model.all_weights())
+    out = Path(args.output)
+    if out.suffix == ".safetensors":
+        if Path(path).is_dir():
+            raise SystemExit("single-file export bakes into a single-file source; export a diffusers folder "
+                             "from a diffusers source (give an output path without .safetensors)")
+        export_single_file(path, pipe, model, delta, out, scale=args.scale, check_fingerprint=not args.force, overwrite=args.overwrite)
+    else:
+        export_diffusers(pipe, model, delta, out, scale=args.scale, check_fingerprint=not args.force, overwrite=args.overwrite)
+    print(f"edited model -> {out}")
+
+
+def cmd_info(args):
+    from .formats import load_delta, read_metadata
+
+    meta = read_metadata(args.delta)
+    delta = load_delta(args.delta) if meta else None
+    out = {"metadata": meta}
+    if delta:
+        out["layers"] = {n: {"shape": list(ld.shape), "rank": ld.rank} for n, ld in delta.layers.items()}
+    print(json.dumps(out, indent=2, default=str))
+
+
+def cmd_demo(args):
+    from .bundled import default_demo_plan, default_model_path
+    from .edits import plan_from_dict
+    from .formats import save_lora
+    from .methods import compute_delta
+
+    args.model = args.model or str(default_model_path())
+    path, pipe, model = _load(args)
+    spec = default_demo_plan()
+    prompts = spec.pop("demo_prompts", None)
+    plan = plan_from_dict(spec)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    delta = compute_delta(model, plan)
+    dt = time.perf_counter() - t0
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    delta_path = out / f"demo-{stamp}.safetensors"
+    save_lora(delta, delta_path)
+    prompts = prompts or [SUBJECT_TEMPLATE.format(e.source) for e in plan.edits] + [SUBJECT_TEMPLATE.format(c) for c in plan.preserve]
+    before, after = before_after(pipe, model, delta, prompts, seed=args.seed, steps=args.steps)
+    grid_path = out / f"demo-{stamp}.png"
+    _write_grid(prompts, before, after, grid_path, False)
+    print(f"model: {path} [{model.family}]")
+    print(f"edited {len(plan.edits)} concept(s) in {dt:.2f}s: " + ", ".join(f"{e.kind} {e.source!r}" for e in plan.edits))
+    print(f"delta -> {delta_path}\nbefore/after grid -> {grid_path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="concept-edit", description="Closed-form concept editing for diffusion models")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_args(sp):
+        sp.add_argument("--model", help="diffusers folder or single .safetensors (default: the bundled model)")
+        sp.add_argument("--config", help="local diffusers folder with the configs for a single-file model")
+        sp.add_argument("--allow-pickle", action="store_true", help="allow loading pickled .ckpt/.pt checkpoints")
+
+    e = sub.add_parser("edit", help="compute an edit and save it as a delta file")
+    model_args(e)
+    e.add_argument("--plan", help="YAML/JSON edit file listing many concepts")
+    e.add_argument("--erase", action="append", help="object concept to erase (guide: '')")
+    e.add_argument("--erase-style", action="append", help="style concept to erase (guide: 'art')")
+    e.add_argument("--guide", help="override the erase guide concept")
+    e.add_argument("--replace", action="append", help="SOURCE=DESTINATION")
+    e.add_argument("--moderate", action="append", help="concept to move towards the unconditional output")
+    e.add_argument("--debias", action="append", help="CONCEPT:attr1,attr2[:alpha1,alpha2]")
+    e.add_argument("--preserve", action="append", help="concept to keep unchanged")
+    e.add_argument("--method", help="uce (default), emcid or nullspace")
+    e.add_argument("--lambda", dest="lam", type=float, default=0.5)
+    e.add_argument("--token", choices=["last", "aligned"], default="last")
+    e.add_argument("--template", action="append", help="prompt template with {} (repeatable)")
+    e.add_argument("--rank", type=int, help="cap the LoRA rank (SVD-truncated, error recorded)")
+    e.add_argument("--format", choices=["lora", "diff"], default="lora")
+    e.add_argument("--bf16", action="store_true", help="encode prompts under bfloat16 autocast (faster)")
+    e.add_argument("-o", "--output", required=True)
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(func=cmd_edit)
+
+    a = sub.add_parser("apply", help="generate before/after images with a delta applied")
+    model_args(a)
+    a.add_argument("delta")
+    a.add_argument("--prompt", action="append")
+    a.add_argument("--scale", type=float, default=1.0)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--steps", type=int, default=20)
+    a.add_argument("--force", action="store_true", help="apply even if the delta was made for another model")
+    a.add_argument("-o", "--output", required=True)
+    a.add_argument("--overwrite", action="store_true")
+    a.set_defaults(func=cmd_apply)
+
+    x = sub.add_parser("export", help="bake a delta into a new model (diffusers folder or single file)")
+    model_args(x)
+    x.add_argument("delta")
+    x.add_argument("--scale", type=float, default=1.0)
+    x.add_argument("--force", action="store_true")
+    x.add_argument("-o", "--output", required=True)
+    x.add_argument("--overwrite", action="store_true")
+    x.set_defaults(func=cmd_export)
+
+    i = sub.add_parser("info", help="print a delta file's metadata")
+    i.add_argument("delta")
+    i.set_defaults(func=cmd_info)
+
+    d = sub.add_parser("demo", help="edit the bundled model, write the delta and a before/after grid")
+    model_args(d)
+    d.add_argument("-o", "--output", default="out/demo")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--steps", type=int, default=20)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+        print(f"concept-edit: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

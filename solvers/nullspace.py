@@ -1,0 +1,185 @@
+"""Null-space constrained editing (AlphaEdit, adapted to CLIP text-encoder / cross-attention layers).
+
+Row convention: keys are rows. C0 (d x d) is the uncentered second moment of the keys whose
+outputs must not move. Its eigenvectors with eigenvalues below a threshold span (numerically)
+the null space of the preserved keys; with U (d x k) those eigenvectors, P = U U^T and P k0 ~ 0
+for every preserved key k0.
+
+The update is constrained to D = Y U^T, so D k0 = Y U^T k0 ~ 0: preserved outputs do not
+move, by construction. For edit keys K1 (n x d) with residuals R (n x out), earlier edits' keys
+Kp (m x d) (whose outputs must stay as those edits left them) and ridge lam, AlphaEdit minimises
+
+    |D K1^T - R^T|^2 + |D Kp^T|^2 + lam |D|^2        over D = Y U^T,
+
+whose normal equations in the k-dimensional subspace are symmetric positive definite:
+
+    Y (U^T (K1^T K1 + Kp^T Kp) U + lam I_k) = R^T K1 U.
+
+So D = up @ down with up = R^T (out x n) and down = K1 U M^{-1} U^T (n x d), M = U^T A U + lam I.
+This is exactly AlphaEdit's D = R K1^T P (K1 K1^T P + Kp Kp^T P + lam I)^{-1} (column
+convention): that D satisfies D = D P, and restricted to range(P) the two systems coincide.
+Solving the k x k SPD system by Cholesky avoids the non-symmetric d x d solve.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .linalg import SolveReport, check_finite, solve_spd
+
+
+@dataclass
+class NullSpaceProjector:
+    basis: torch.Tensor  # (d, k) orthonormal: eigenvectors of C0 with eigenvalue below the threshold
+    eigenvalues: torch.Tensor  # all eigenvalues of C0, ascending
+    threshold: float  # absolute threshold actually applied
+    dim: int
+
+    @property
+    def kept_rank(self) -> int:
+        """Dimension of the subspace edits may use (k)."""
+        return int(self.basis.shape[1])
+
+    @property
+    def protected_rank(self) -> int:
+        return self.dim - self.kept_rank
+
+    def matrix(self) -> torch.Tensor:
+        """P = U U^T (d x d)."""
+        return self.basis @ self.basis.mT
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows of ``x`` projected onto the editable subspace: x P."""
+        U = self.basis.to(x.dtype)
+        return (x @ U) @ U.mT
+
+    def coverage(self, keys: torch.Tensor) -> float:
+        """Fraction of the keys' energy inside the editable subspace (0: the edit cannot act)."""
+        k = keys.to(self.basis.dtype)
+        tot = k.pow(2).sum().item()
+        return (k @ self.basis).pow(2).sum().item() / tot if tot > 0 else 0.0
+
+
+def null_space_projector(
+    cov: torch.Tensor, *, threshold: float = 1e-2, relative: bool = True, dtype: torch.dtype = torch.float64
+) -> NullSpaceProjector:
+    """Projector onto the eigenvectors of ``cov`` whose eigenvalues fall below ``threshold``.
+
+    With ``relative`` (default) the threshold is a fraction of the largest eigenvalue, so it
+    does not depend on the scale of the activations; otherwise it is absolute (AlphaEdit uses
+    an absolute 1e-2 on a mean second moment).
+    """
+    if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
+        raise ValueError(f"covariance must be square, got {tuple(cov.shape)}")
+    check_finite("covariance", cov)
+    C = cov.to(dtype)
+    C = 0.5 * (C + C.mT)
+    evals, evecs = torch.linalg.eigh(C)
+    top = evals[-1].clamp_min(0).item()
+    thr = threshold * top if relative else threshold
+    keep = evals < thr
+    return NullSpaceProjector(basis=evecs[:, keep].contiguous(), eigenvalues=evals, threshold=float(thr), dim=C.shape[0])
+
+
+def projector_from_keys(keys: torch.Tensor, **kw) -> NullSpaceProjector:
+    """Projector from a preserve set given as key rows (n x d): C0 = K^T K / n."""
+    K = keys.to(torch.float64)
+    return null_space_projector(K.mT @ K / max(1, K.shape[0]), **kw)
+
+
+@dataclass
+class NullSpaceSolution:
+    up: torch.Tensor  # (out, n)
+    down: torch.Tensor  # (n, d)
+    report: SolveReport
+    kept_rank: int
+    coverage: float
+
+    def dense(self) -> torch.Tensor:
+        return self.up @ self.down
+
+
+def nullspace_solve_layer(
+    keys: torch.Tensor,
+    residuals: torch.Tensor,
+    projector: NullSpaceProjector,
+    *,
+    history_gram: torch.Tensor | None = None,
+    lam: float = 1.0,
+    dtype: torch.dtype = torch.float64,
+) -> NullSpaceSolution:
+    """Constrained update for one layer (see module docstring). ``history_gram`` is Kp^T Kp."""
+    if keys.ndim != 2 or residuals.ndim != 2 or keys.shape[0] != residuals.shape[0]:
+        raise ValueError(f"keys {tuple(keys.shape)} and residuals {tuple(residuals.shape)} must be (n, d) and (n, out)")
+    if keys.shape[1] != projector.dim:
+        raise ValueError(f"keys have width {keys.shape[1]}, projector {projector.dim}")
+    if lam < 0:
+        raise ValueError("lambda must be >= 0")
+    check_finite("edit keys", keys)
+    check_finite("residuals", residuals)
+    K = keys.to(dtype)
+    U = projector.basis.to(dtype)
+    k = U.shape[1]
+    n = K.shape[0]
+    if k == 0:  # the preserved keys span everything: no edit is possible without moving them
+        zeros_up = torch.zeros(residuals.shape[1], n, dtype=dtype)
+        return NullSpaceSolution(zeros_up, torch.zeros(n, K.shape[1], dtype=dtype), SolveReport(1.0, 0.0), 0, 0.0)
+    KU = K @ U  # n x k
+    M = KU.mT @ KU
+    if history_gram is not None:
+        M = M + U.mT @ history_gram.to(dtype) @ U
+    M.diagonal().add_(lam)
+    X, report = solve_spd(M, KU.mT)  # k x n = M^{-1} U^T K1^T
+    down = (U @ X).mT  # n x d = K1 U M^{-1} U^T
+    return NullSpaceSolution(
+        up=residuals.to(dtype).mT, down=down, report=report, kept_rank=k, coverage=projector.coverage(keys)
+    )
+
+
+def nullspace_objective(D, keys, residuals, projector, history_gram=None, lam: float = 1.0) -> torch.Tensor:
+    """|D K1^T - R^T|^2 + tr(D Kp^T Kp D^T) + lam |D|^2 (for tests and diagnostics)."""
+    D = D.double()
+    val = ((keys.double() @ D.mT - residuals.double()) ** 2).sum() + lam * D.pow(2).sum()
+    if history_gram is not None:
+        val = val + torch.trace(D @ history_gram.double() @ D.mT)
+    return val
+
+
+@dataclass
+class EditHistory:
+    """Keys of earlier edits per layer (Kp), kept as Gram matrices Kp^T Kp; resettable.
+
+    Sequential null-space editing passes ``history.gram(name)`` to the solver so that a new
+    edit does not undo the ones before it, then ``history.add(name, keys)``.
+    """
+
+    grams: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, name: str, keys: torch.Tensor) -> None:
+        K = keys.detach().to(torch.float64).cpu()
+        g = K.mT @ K
+        self.grams[name] = self.grams[name] + g if name in self.grams else g
+        self.counts[name] = self.counts.get(name, 0) + int(K.shape[0])
+
+    def gram(self, name: str) -> torch.Tensor | None:
+        return self.grams.get(name)
+
+    def reset(self, name: str | None = None) -> None:
+        if name is None:
+            self.grams.clear()
+            self.counts.clear()
+        else:
+            self.grams.pop(name, None)
+            self.counts.pop(name, None)
+
+    def __len__(self) -> int:
+        return sum(self.counts.values())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.grams.items()}
+
+    @classmethod
+    def from_state_dict(cls, grams: dict[str, torch.Tensor], counts: dict[str, int] | None = None) -> "EditHistory":
+        return cls(grams={k: v.to(torch.float64) for k, v in grams.items()}, counts=dict(counts or {k: 0 for k in grams}))
