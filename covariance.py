@@ -1,0 +1,200 @@
+"""Preserved-key statistics C0: uncentered second moments of layer inputs over a caption corpus.
+
+For each requested layer, C0 = mean over token positions of k k^T (d x d, float64), where k is
+the input of that layer: ``text_encoder…layers.{i}.mlp.fc2`` -> the fc2 input (after the MLP
+activation), or :data:`TEXT_STATES` -> the text states the UNet's cross-attention reads
+(to_k / to_v input). Computed in batches with a progress bar and cached on disk as
+safetensors, one file per (model fingerprint, corpus fingerprint, position mode), with the
+sample count and both fingerprints in the metadata. Layers missing from a cache file are
+computed and added.
+
+Positions: ``padded`` (default) uses all 77 positions the pipeline feeds (BOS, words, EOS and
+padding), i.e. exactly the keys the model sees at inference; ``tokens`` stops at EOS.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .delta import fingerprint
+from .keys import Prompt
+from .text_encoder_edit import encoder, encoder_components, padded_batch, parse_fc2_name, run_encoder, tokenize_prompts
+
+TEXT_STATES = "text_states"
+
+DEFAULT_CAPTIONS = [
+    "a photo of a dog running on the beach", "a cat sleeping on a sofa", "a bowl of fruit on a wooden table",
+    "a city street at night with neon lights", "a mountain landscape with a lake at sunset",
+    "a portrait of an old man with a beard", "a red car parked in front of a house", "a bird sitting on a branch",
+    "a plate of pasta with tomato sauce", "children playing in a park", "a painting of flowers in a vase",
+    "a train crossing a bridge", "a woman reading a book in a cafe", "a snowy forest in winter",
+    "a bicycle leaning against a wall", "an airplane flying over the clouds", "a cup of coffee on a desk",
+    "a horse grazing in a field", "a lighthouse on a rocky coast", "a group of people at a concert",
+    "a close up of a butterfly on a leaf", "a kitchen with white cabinets", "a boat on a calm river",
+    "a man riding a skateboard", "a castle on a hill", "an astronaut floating in space",
+    "a watercolor painting of a village", "a sandwich and a glass of juice", "a street market full of vegetables",
+    "a dog wearing sunglasses", "a desert with sand dunes", "a tall building made of glass",
+    "a teddy bear on a bed", "an elephant walking in the savanna", "a girl with an umbrella in the rain",
+    "a pizza with cheese and mushrooms", "a black and white photo of a street", "a field of sunflowers",
+    "a wooden cabin in the woods", "a fish swimming in a coral reef", "",
+]
+
+
+class CovarianceCacheError(ValueError):
+    pass
+
+
+def corpus_fingerprint(captions: list[str]) -> str:
+    h = hashlib.sha256()
+    for c in captions:
+        h.update(c.encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+def model_fingerprint(model) -> str:
+    """Fingerprint of every text-encoder weight (C0 of any layer depends only on those)."""
+    ws = {}
+    for comp in encoder_components(model):
+        for name, p in encoder(model, comp).named_parameters():
+            ws[f"{comp}.{name}"] = p  # current values: C0 is a statistic of the model as it is now
+    return fingerprint(ws)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CONCEPT_EDIT_CACHE", Path.home() / ".cache" / "concept_edit")) / "covariance"
+
+
+def load_captions(source) -> list[str]:
+    """Captions from a list, a text file (one per line) or a JSON list file; None -> built-in list."""
+    if source is None:
+        return list(DEFAULT_CAPTIONS)
+    if isinstance(source, (list, tuple)):
+        return [str(c) for c in source]
+    path = Path(source)
+    if not path.exists():
+        raise CovarianceCacheError(f"caption corpus {path} does not exist")
+    if path.suffix == ".json":
+        return [str(c) for c in json.loads(path.read_text())]
+    return [line.rstrip("\n") for line in path.read_text().splitlines()]
+
+
+def _fc2_index(name: str) -> tuple[str, int]:
+    try:
+        return parse_fc2_name(name)
+    except KeyError:
+        raise CovarianceCacheError(f"covariance is computed for text-encoder fc2 layers or {TEXT_STATES!r}, not {name!r}") from None
+
+
+def _compute(model, captions: list[str], names: list[str], *, batch_size: int, positions: str, progress: bool):
+    prompts = tokenize_prompts(model, [Prompt(c, 0) for c in captions])
+    sums = {n: None for n in names}
+    counts = {n: 0 for n in names}
+    by_comp: dict[str, list[int]] = {}
+    for n in names:
+        if n != TEXT_STATES:
+            comp, i = _fc2_index(n)
+            by_comp.setdefault(comp, []).append(i)
+    batches = range(0, len(prompts), batch_size)
+    for start in tqdm(batches, desc="C0 batches", disable=not progress, leave=False):
+        chunk = prompts[start : start + batch_size]
+        lengths = torch.tensor([len(p.ids) for p in chunk])
+        if positions == "padded":
+            mask = torch.ones(len(chunk), model.max_tokens, dtype=torch.bool)
+        else:
+            mask = torch.arange(model.max_tokens)[None, :] < lengths[:, None]
+        for comp, layers in by_comp.items():
+            ids = padded_batch(model, comp, chunk)
+            _, st = run_encoder(model, comp, ids, None, fc2_layers=layers)
+            for i in layers:
+                x = st[("fc2_in", i)].to(torch.float64).cpu()[mask]
+                n = f"{comp}.text_model.encoder.layers.{i}.mlp.fc2"
+                g = x.mT @ x
+                sums[n] = g if sums[n] is None else sums[n] + g
+                counts[n] += x.shape[0]
+        if TEXT_STATES in names:
+            ids_lists = [model.padded_ids(c) for c in captions[start : start + batch_size]] if positions == "padded" else [p.ids for p in chunk]
+            states = model.encode_ids(ids_lists)
+            x = torch.cat([s.to(torch.float64) for s in states])
+            g = x.mT @ x
+            sums[TEXT_STATES] = g if sums[TEXT_STATES] is None else sums[TEXT_STATES] + g
+            counts[TEXT_STATES] += x.shape[0]
+    return {n: sums[n] / counts[n] for n in names}, counts
+
+
+def second_moments(
+    model,
+    names: list[str],
+    captions=None,
+    *,
+    cache_dir: str | Path | None = None,
+    batch_size: int = 32,
+    positions: str = "padded",
+    progress: bool = True,
+    use_cache: bool = True,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """C0 (mean second moment, float64) per layer name; returns (moments, info).
+
+    ``info`` has ``n_samples`` per layer, ``corpus_fingerprint``, ``model_fingerprint``,
+    ``cache_file`` and ``computed`` (layers computed in this call rather than loaded).
+    """
+    if positions not in ("padded", "tokens"):
+        raise ValueError("positions must be 'padded' or 'tokens'")
+    captions = load_captions(captions)
+    if not captions:
+        raise CovarianceCacheError("the caption corpus is empty")
+    cfp = corpus_fingerprint(captions)
+    mfp = model_fingerprint(model)
+    path = None
+    cached: dict[str, torch.Tensor] = {}
+    meta: dict = {}
+    if use_cache:
+        cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        path = cache_dir / f"c0_{model.family}_{mfp}_{cfp}_{positions}.safetensors"
+        if path.exists():
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                meta = dict(f.metadata() or {})
+                if meta.get("model_fingerprint") != mfp or meta.get("corpus_fingerprint") != cfp:
+                    raise CovarianceCacheError(f"{path} does not match this model/corpus (fingerprint mismatch)")
+                for k in f.keys():
+                    cached[k] = f.get_tensor(k)
+    counts = json.loads(meta.get("n_samples", "{}"))
+    missing = [n for n in names if n not in cached]
+    if missing:
+        new, new_counts = _compute(model, captions, missing, batch_size=batch_size, positions=positions, progress=progress)
+        cached.update(new)
+        counts.update(new_counts)
+        if path is not None:
+            from safetensors.torch import save_file
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            save_file(
+                {k: v.contiguous() for k, v in cached.items()},
+                str(tmp),
+                metadata={
+                    "model_fingerprint": mfp,
+                    "corpus_fingerprint": cfp,
+                    "n_captions": str(len(captions)),
+                    "n_samples": json.dumps(counts),
+                    "positions": positions,
+                    "family": model.family,
+                },
+            )
+            os.replace(tmp, path)
+    info = {
+        "n_samples": {n: int(counts[n]) for n in names},
+        "corpus_fingerprint": cfp,
+        "model_fingerprint": mfp,
+        "n_captions": len(captions),
+        "cache_file": str(path) if path else None,
+        "computed": missing,
+    }
+    return {n: cached[n] for n in names}, info

@@ -1,0 +1,327 @@
+"""Text-encoder access for the MLP editors (EMCID, null-space): layer selection, fc2 key capture,
+hidden states at the subject token, offsets injected after a layer, UNet conditioning.
+
+Works over a :class:`~concept_edit.adapters.diffusers_model.DiffusersModel` (``model.pipe``).
+A host adapter that wants EMCID / null-space on the text encoder needs the equivalent of
+:func:`encoder_components`, :func:`run_encoder` and :func:`unet_conditioning`; see
+docs/text_encoder_editing.md.
+
+Canonical layer names: ``text_encoder.text_model.encoder.layers.{i}.mlp.fc2`` (and
+``text_encoder_2.…`` for SDXL's second encoder).
+
+Which layers the pipeline reads: SD 1.x/2.x read the last layer (through the final layer norm);
+SDXL reads the penultimate layer of both encoders (``hidden_states[-2]``), so its last layer
+only feeds the pooled embedding of encoder 2 and is never edited here. The default edit
+range is every read layer except the last one read (EMCID's best setting).
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .keys import Prompt
+
+
+class LayerSelectionError(ValueError):
+    pass
+
+
+# -- layers ----------------------------------------------------------------------------------
+def encoder_components(model) -> list[str]:
+    pipe = model.pipe
+    return ["text_encoder"] + (["text_encoder_2"] if getattr(pipe, "text_encoder_2", None) is not None else [])
+
+
+def encoder(model, comp: str):
+    return getattr(model.pipe, comp)
+
+
+def text_model(enc):
+    """The CLIP transformer inside an encoder: transformers >= 5 flattens CLIPTextModel (no
+    ``.text_model``), CLIPTextModelWithProjection keeps it."""
+    return getattr(enc, "text_model", enc)
+
+
+def enc_layers(enc):
+    return text_model(enc).encoder.layers
+
+
+def num_layers(model, comp: str) -> int:
+    return len(enc_layers(encoder(model, comp)))
+
+
+def read_depth(model, comp: str) -> int:
+    """How many layers (from the bottom) the UNet's text states depend on."""
+    n = num_layers(model, comp)
+    return n - 1 if model.family == "sdxl" else n
+
+
+def default_layers(model, comp: str) -> list[int]:
+    """Every layer the pipeline reads except the last one read."""
+    return list(range(max(1, read_depth(model, comp) - 1)))
+
+
+def fc2_name(comp: str, i: int) -> str:
+    return f"{comp}.text_model.encoder.layers.{i}.mlp.fc2"
+
+
+def parse_fc2_name(name: str) -> tuple[str, int]:
+    comp, rest = name.split(".", 1)
+    parts = rest.split(".")
+    if parts[-2:] != ["mlp", "fc2"] or "layers" not in parts:
+        raise KeyError(f"{name!r} is not a text-encoder fc2 layer")
+    return comp, int(parts[parts.index("layers") + 1])
+
+
+def text_module(model, name: str) -> torch.nn.Module:
+    """Module of a canonical text-encoder name (``comp.text_model.…``), whether or not this
+    transformers version nests the CLIP transformer under ``text_model``."""
+    comp, sub = name.split(".", 1)
+    enc = encoder(model, comp)
+    try:
+        return enc.get_submodule(sub)
+    except AttributeError:
+        if sub.startswith("text_model."):
+            return text_model(enc).get_submodule(sub[len("text_model."):])
+        raise
+
+
+def layer_weights(model, names) -> dict[str, torch.nn.Parameter]:
+    """Canonical name -> weight, for text-encoder layers (any transformers version) and UNet layers."""
+    out = {}
+    for n in names:
+        if n.startswith("text_encoder"):
+            out[n] = text_module(model, n).weight
+        else:
+            out.update(model.weights([n]))
+    return out
+
+
+def _parse(spec, n: int) -> list[int]:
+    if isinstance(spec, int):
+        spec = [spec]
+    if isinstance(spec, str):
+        out = []
+        for part in spec.split(","):
+            part = part.strip()
+            m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
+            if m:
+                out += list(range(int(m.group(1)), int(m.group(2)) + 1))
+            elif part:
+                out.append(int(part))
+        spec = out
+    return sorted({int(i) + n if int(i) < 0 else int(i) for i in spec})
+
+
+def resolve_layers(model, spec=None) -> dict[str, list[int]]:
+    """Edit layers per encoder component.
+
+    ``spec``: None (defaults), a list / "0-9" / "0,3,5" string applied to every encoder, or a
+    dict {component: spec}. Negative indices count from the encoder's last layer. Layers the
+    pipeline does not read (SDXL: the last one) are refused.
+    """
+    comps = encoder_components(model)
+    out = {}
+    for comp in comps:
+        s = spec.get(comp) if isinstance(spec, dict) else spec
+        if isinstance(spec, dict) and comp not in spec:
+            continue
+        n = num_layers(model, comp)
+        layers = default_layers(model, comp) if s is None else _parse(s, n)
+        depth = read_depth(model, comp)
+        bad = [i for i in layers if not 0 <= i < depth]
+        if bad:
+            raise LayerSelectionError(
+                f"{comp}: cannot edit layer(s) {bad}; this {model.family} pipeline reads layers 0..{depth - 1} "
+                f"of {n}" + (" (SDXL reads the penultimate layer)" if model.family == "sdxl" else "")
+            )
+        if not layers:
+            raise LayerSelectionError(f"{comp}: no layers selected")
+        out[comp] = layers
+    if not out:
+        raise LayerSelectionError(f"no text encoder selected from {comps}")
+    return out
+
+
+# -- token sequences -------------------------------------------------------------------------
+@dataclass
+class TokenizedPrompt:
+    ids: list[int]  # BOS + content + EOS (no padding)
+    subject: int  # position of the last subject token (0 = BOS when the subject is empty)
+
+
+def tokenize_prompts(model, prompts: list[Prompt]) -> list[TokenizedPrompt]:
+    tok = model.tokenizer
+    out = []
+    for p in prompts:
+        ids = model.token_ids(p.text)
+        if len(ids) + 2 > model.max_tokens:
+            from .adapters.base import PromptTooLongError
+
+            raise PromptTooLongError(p.text, len(ids) + 2, model.max_tokens)
+        n_sub = len(model.token_ids(p.text[: p.subject_end])) if p.subject_end else 0
+        out.append(TokenizedPrompt([tok.bos_token_id, *ids, tok.eos_token_id], n_sub))
+    return out
+
+
+def padded_batch(model, comp: str, prompts: list[TokenizedPrompt]) -> torch.Tensor:
+    """The 77-token ids the pipeline feeds encoder ``comp`` (its tokenizer's padding token)."""
+    tok = model.pipe.tokenizer_2 if comp == "text_encoder_2" else model.pipe.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    L = model.max_tokens
+    ids = torch.full((len(prompts), L), pad, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, : len(p.ids)] = torch.tensor(p.ids)
+    return ids
+
+
+# -- running an encoder with capture and injection ---------------------------------------------
+@dataclass
+class Injection:
+    """Add ``delta[r]`` to the output of layer ``layer`` at row r, position ``positions[r]``."""
+
+    layer: int
+    delta: torch.Tensor  # (B, hidden)
+    positions: torch.Tensor  # (B,) long
+
+
+@contextlib.contextmanager
+def _hooks(enc, *, fc2_layers=(), out_layers=(), injection: Injection | None = None, positions=None, store=None):
+    layers = enc_layers(enc)
+    handles = []
+
+    if injection is not None:
+        rows = torch.arange(injection.positions.shape[0])
+
+        def inject(mod, inp, out):
+            out = out.clone()
+            out[rows, injection.positions] = out[rows, injection.positions] + injection.delta.to(out.dtype)
+            return out
+
+        handles.append(layers[injection.layer].register_forward_hook(inject))
+
+    def take(x):
+        return x[torch.arange(x.shape[0]), positions] if positions is not None else x
+
+    for i in fc2_layers:
+        handles.append(
+            layers[i].mlp.fc2.register_forward_pre_hook(lambda m, inp, i=i: store.__setitem__(("fc2_in", i), take(inp[0])))
+        )
+    for i in out_layers:
+        handles.append(layers[i].register_forward_hook(lambda m, inp, out, i=i: store.__setitem__(("out", i), take(out))))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_encoder(
+    model,
+    comp: str,
+    ids: torch.Tensor,
+    positions: torch.Tensor | None,
+    *,
+    fc2_layers=(),
+    out_layers=(),
+    injection: Injection | None = None,
+    grad: bool = False,
+):
+    """One forward of encoder ``comp`` on ``ids`` (B x T). Returns (model output, captures) where
+    captures[("fc2_in", i)] / captures[("out", i)] are taken at ``positions`` (B,) or full if None."""
+    enc = encoder(model, comp)
+    store: dict = {}
+    dev = enc.device
+    ctx = contextlib.nullcontext() if grad else torch.no_grad()
+    with ctx, _hooks(enc, fc2_layers=fc2_layers, out_layers=out_layers, injection=injection, positions=positions, store=store):
+        out = enc(ids.to(dev))
+    return out, store
+
+
+def subject_states(
+    model,
+    comp: str,
+    prompts: list[TokenizedPrompt],
+    *,
+    fc2_layers=(),
+    out_layers=(),
+    batch_size: int = 64,
+) -> dict:
+    """fc2 inputs / layer outputs at each prompt's last subject token (no grad, float32, cpu).
+
+    CLIP is causal, so only the prefix up to the subject token is encoded; prefixes are batched
+    by length and right-padded with EOS (which cannot affect earlier positions).
+    """
+    seqs = [p.ids[: p.subject + 1] for p in prompts]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    eos = model.tokenizer.eos_token_id
+    res: dict = {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(seqs[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), eos, dtype=torch.long)
+        for r, i in enumerate(chunk):
+            ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
+        pos = torch.tensor([len(seqs[i]) - 1 for i in chunk])
+        _, st = run_encoder(model, comp, ids, pos.to(encoder(model, comp).device), fc2_layers=fc2_layers, out_layers=out_layers)
+        for key, val in st.items():
+            buf = res.setdefault(key, [None] * len(seqs))
+            for r, i in enumerate(chunk):
+                buf[i] = val[r].float().cpu()
+    return {k: torch.stack(v) for k, v in res.items()}
+
+
+# -- what the UNet reads -----------------------------------------------------------------------
+def _unet_states(model, comp, out, store):
+    if model.family == "sdxl":
+        return store[("out", num_layers(model, comp) - 2)]
+    return out.last_hidden_state
+
+
+def eos_positions(ids: torch.Tensor, eos: int) -> torch.Tensor:
+    return (ids == eos).int().argmax(dim=-1)
+
+
+def unet_conditioning(model, prompts: list[TokenizedPrompt], *, injections: dict | None = None, grad: bool = False):
+    """(encoder_hidden_states, added_cond_kwargs or None, eos_features) for padded ``prompts``.
+
+    ``injections`` maps component -> :class:`Injection` (subject-token offsets, with gradient).
+    ``eos_features`` is the final-layer feature at the first EOS of each encoder, concatenated
+    (EMCID's text-alignment feature E(p)).
+    """
+    injections = injections or {}
+    states, eos_feats, pooled = [], [], None
+    for comp in encoder_components(model):
+        ids = padded_batch(model, comp, prompts)
+        n = num_layers(model, comp)
+        outs = (n - 2,) if model.family == "sdxl" else ()
+        out, st = run_encoder(model, comp, ids, None, out_layers=outs, injection=injections.get(comp), grad=grad)
+        states.append(_unet_states(model, comp, out, st))
+        pos = eos_positions(ids, model.tokenizer.eos_token_id).to(out.last_hidden_state.device)
+        eos_feats.append(out.last_hidden_state[torch.arange(ids.shape[0]), pos])
+        if comp == "text_encoder_2":
+            pooled = out.text_embeds if hasattr(out, "text_embeds") else out[0]
+    ehs = torch.cat(states, dim=-1)
+    added = None
+    if model.family == "sdxl":
+        unet = model.pipe.unet
+        size = unet.config.sample_size * model.pipe.vae_scale_factor
+        tid = torch.tensor([size, size, 0, 0, size, size], dtype=ehs.dtype, device=ehs.device)
+        added = {"text_embeds": pooled, "time_ids": tid.expand(ehs.shape[0], -1)}
+    return ehs, added, torch.cat(eos_feats, dim=-1)
+
+
+def text_states_fingerprint_weights(model) -> dict:
+    """The weights whose values determine stage I targets (for cache keys)."""
+    out = {}
+    for comp in encoder_components(model):
+        for name, p in encoder(model, comp).named_parameters():
+            if name.endswith("weight"):
+                out[f"{comp}.{name}"] = p
+    for name, p in model.pipe.unet.named_parameters():
+        if name.endswith("attn2.to_k.weight") or name.endswith("conv_in.weight") or name.endswith("conv_out.weight"):
+            out[f"unet.{name}"] = p
+    return out
