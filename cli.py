@@ -248,7 +248,8 @@ def main(argv=None) -> int:
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
-        print(f"concept-edit: error: {e}", file=sys.stderr)
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"concept-edit: error: {msg}", file=sys.stderr)
         return 2
     return 0
 

@@ -53,7 +53,7 @@ def load_pipeline(
             raise ModelLoadError(f"{path} is not a diffusers folder (no model_index.json)")
         cls = _pipeline_class(json.loads(index.read_text())["_class_name"])
         kw = {"safety_checker": None, "requires_safety_checker": False} if cls.__name__ == "StableDiffusionPipeline" else {}
-        return cls.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **kw)
+        return cls.from_pretrained(path, dtype=dtype, local_files_only=True, **kw)
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES and not allow_pickle:
         raise ModelLoadError(
@@ -71,7 +71,7 @@ def load_pipeline(
     cls = _pipeline_class(json.loads((config / "model_index.json").read_text())["_class_name"])
     kw = {"safety_checker": None, "requires_safety_checker": False} if cls.__name__ == "StableDiffusionPipeline" else {}
     try:
-        return cls.from_single_file(str(path), config=str(config), local_files_only=True, torch_dtype=dtype, **kw)
+        return cls.from_single_file(str(path), config=str(config), local_files_only=True, dtype=dtype, **kw)
     except OSError as e:  # diffusers reports a missing hub file as OSError
         raise ModelLoadError(f"could not load {path.name} with config {config}: {e}") from e
 
@@ -158,13 +158,11 @@ class DiffusersModel(EditableModel):
         found = {}
         for name in names:
             comp, _, sub = name.partition(".")
-            owner = getattr(self.pipe, comp, None)
-            if owner is None:
-                raise KeyError(f"pipeline has no component {comp!r} (layer {name})")
+            owner = getattr(self.pipe, comp, None) or torch.nn.Module()
             try:
                 found[name] = owner.get_submodule(sub).weight
             except AttributeError as e:
-                raise KeyError(f"layer {name} not found in this model") from e
+                raise KeyError(f"this {self.family} model does not have layer {name}") from e
         return found
 
     def all_weights(self) -> dict[str, torch.nn.Parameter]:

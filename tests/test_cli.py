@@ -1,0 +1,97 @@
+"""The command line end to end on a tiny model saved to disk, and its refusals."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from concept_edit.adapters.diffusers_model import ModelLoadError, load_pipeline
+from concept_edit.cli import main
+from concept_edit.formats import load_delta, read_metadata
+
+
+def test_edit_info_apply_export(tiny_sd1_dir, tmp_path, capsys):
+    delta_path = tmp_path / "e.safetensors"
+    rc = main(["edit", "--model", str(tiny_sd1_dir), "--erase-style", "Van Gogh", "--replace", "cat=dog",
+               "--preserve", "horse", "-o", str(delta_path)])
+    assert rc == 0 and delta_path.exists()
+    meta = read_metadata(delta_path)
+    assert [e["kind"] for e in meta["edits"]] == ["erase", "replace"]
+    assert meta["edits"][0]["target"] == "art"
+
+    grid = tmp_path / "grid.png"
+    assert main(["apply", "--model", str(tiny_sd1_dir), str(delta_path), "--prompt", "a cat", "--steps", "2", "-o", str(grid)]) == 0
+    img = Image.open(grid)
+    assert img.size[0] > 128 and img.size[1] > 2 * 100
+
+    out = tmp_path / "exported"
+    assert main(["export", "--model", str(tiny_sd1_dir), str(delta_path), "-o", str(out)]) == 0
+    src = load_pipeline(tiny_sd1_dir)
+    new = load_pipeline(out)
+    d = load_delta(delta_path)
+    for name, ld in d.layers.items():
+        sub = name.partition(".")[2]
+        w0 = src.unet.get_submodule(sub).weight.detach()
+        torch.testing.assert_close(new.unet.get_submodule(sub).weight.detach(), w0 + ld.dense(), rtol=1e-5, atol=1e-6)
+    # the source folder is untouched: exporting again onto the same output is refused
+    assert main(["export", "--model", str(tiny_sd1_dir), str(delta_path), "-o", str(out)]) == 2
+
+
+def test_info_prints_metadata(tiny_sd1_dir, tmp_path, capsys):
+    p = tmp_path / "e.safetensors"
+    assert main(["edit", "--model", str(tiny_sd1_dir), "--erase", "cat", "-o", str(p)]) == 0
+    capsys.readouterr()
+    assert main(["info", str(p)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["metadata"]["method"] == "uce" and out["layers"]
+
+
+def test_plan_file(tiny_sd1_dir, tmp_path):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("edits:\n" + "".join(f"  - erase: concept number {i}\n" for i in range(30)) +
+                    "preserve: [horse, tree]\ntemplates: ['{}', 'a photo of {}']\n")
+    out = tmp_path / "many.safetensors"
+    assert main(["edit", "--model", str(tiny_sd1_dir), "--plan", str(plan), "-o", str(out)]) == 0
+    meta = read_metadata(out)
+    assert len(meta["edits"]) == 30 and meta["n_edit_keys"] == 60
+
+
+def test_refusals(tiny_sd1_dir, tmp_path, capsys):
+    existing = tmp_path / "exists.safetensors"
+    existing.write_text("keep me")
+    assert main(["edit", "--model", str(tiny_sd1_dir), "--erase", "cat", "-o", str(existing)]) == 2
+    assert existing.read_text() == "keep me"
+    assert "already exists" in capsys.readouterr().err
+
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {}}, ckpt)
+    with pytest.raises(ModelLoadError, match="pickled"):
+        load_pipeline(ckpt)
+    single = tmp_path / "model.safetensors"
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(1)}, str(single))
+    with pytest.raises(ModelLoadError, match="needs a local config"):
+        load_pipeline(single)
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_pipeline(tmp_path / "nope")
+
+    # a delta made for SDXL refused on SD 1.x with a message naming the problem
+    from concept_edit.edits import plan_from_dict
+    from concept_edit.formats import save_lora
+    from concept_edit.tiny_models import build_tiny_pipeline
+    from concept_edit.adapters.diffusers_model import DiffusersModel
+    from concept_edit.uce_edit import uce_delta
+
+    xl = DiffusersModel(build_tiny_pipeline("sdxl"))
+    p = tmp_path / "xl.safetensors"
+    save_lora(uce_delta(xl, plan_from_dict({"edits": [{"erase": "cat"}]}), progress=False), p)
+    assert main(["apply", "--model", str(tiny_sd1_dir), str(p), "--prompt", "x", "-o", str(tmp_path / "g.png")]) == 2
+    err = capsys.readouterr().err
+    assert "does not have" in err or "shape" in err
+
+
+def test_module_entry_point(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "concept_edit", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "demo" in r.stdout
