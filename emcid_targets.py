@@ -268,7 +268,7 @@ def optimize_chunk(model, reqs: list[TargetRequest], templates, layers: dict[str
                 n = deltas[c].norm(dim=-1)
                 scale = torch.where(n > max_norm, max_norm / n.clamp_min(1e-12), torch.ones_like(n))
                 deltas[c].mul_(scale[:, None])
-        losses.append(float(per_concept.sum()))
+        losses.append(float(per_concept.detach().sum()))
         it.set_postfix(loss=f"{losses[-1]:.4g}")
     return {c: d.detach().clone() for c, d in deltas.items()}, steps, losses
 
