@@ -69,10 +69,21 @@ class UCESolution:
     right: torch.Tensor
     report: SolveReport
 
-    def layer_factors(self, W0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(up, down) with up @ down = dW for the layer with original weight W0."""
-        up = W0.to(self.left.dtype) @ self.left
-        return up, self.right
+    def layer_factors(self, W0: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(up, down) with up @ down = dW for the layer with original weight W0.
+
+        The solve accumulates in float64; the per-layer products (the bulk of the FLOPs when
+        many layers share one solve) run in ``dtype``.
+        """
+        left = self._cast(self.left, dtype)
+        return W0.to(dtype) @ left, self._cast(self.right, dtype)
+
+    def _cast(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_casts", {})
+        key = (id(t), dtype)
+        if key not in cache:
+            cache[key] = t.to(dtype)
+        return cache[key]
 
 
 def _right_factor(K, M, se):

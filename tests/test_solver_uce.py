@@ -64,7 +64,7 @@ def test_shared_factorization_equals_per_layer_solve_and_reference(problem):
     sol = uce_solve(K, T, P, lam=0.5)
     for _ in range(3):
         W0 = R(11, K.shape[1])
-        up, down = sol.layer_factors(W0)
+        up, down = sol.layer_factors(W0, dtype=torch.float64)
         shared = W0 + up @ down
         up2, down2, _ = uce_solve_layer(W0, K, T @ W0.T, P, lam=0.5)
         torch.testing.assert_close(shared, W0 + up2 @ down2, rtol=1e-10, atol=1e-10)
