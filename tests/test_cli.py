@@ -95,3 +95,19 @@ def test_refusals(tiny_sd1_dir, tmp_path, capsys):
 def test_module_entry_point(tmp_path):
     r = subprocess.run([sys.executable, "-m", "concept_edit", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "demo" in r.stdout
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_load_folder_of_each_family(tiny, family, tmp_path):
+    from concept_edit.adapters.diffusers_model import DiffusersModel
+
+    pipe, _ = tiny(family)
+    pipe.save_pretrained(str(tmp_path / family))
+    loaded = load_pipeline(tmp_path / family)
+    m = DiffusersModel(loaded)
+    assert m.family == family
+    if family == "sd2":
+        assert loaded.scheduler.config.prediction_type == "v_prediction"
+    out = tmp_path / "e.safetensors"
+    assert main(["edit", "--model", str(tmp_path / family), "--erase", "cat", "-o", str(out), "--bf16"]) == 0
+    assert read_metadata(out)["family"] == family
