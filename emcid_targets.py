@@ -50,6 +50,7 @@ from .text_encoder_edit import (
 )
 
 MODES = ("distill", "images", "text", "dest_hidden", "refine")
+STATES = "states"  # pseudo-component: offsets on the UNet-read text states (cross-attention editing)
 
 
 @dataclass
@@ -98,7 +99,7 @@ def _slug(s: str) -> str:
 def _cache_key(req: TargetRequest, templates, layers, cfg: StageIConfig, model_fp: str) -> str:
     h = hashlib.sha256(
         json.dumps(
-            {"s": req.source, "d": req.dest, "t": list(templates), "l": {k: v[-1] for k, v in layers.items()}, "cfg": cfg.key(), "m": model_fp},
+            {"s": req.source, "d": req.dest, "t": list(templates), "l": {k: (v[-1] if v else None) for k, v in layers.items()}, "cfg": cfg.key(), "m": model_fp},
             sort_keys=True,
         ).encode()
     )
@@ -161,6 +162,12 @@ def _freeze(model):
             m.requires_grad_(False)
 
 
+def _read_states(model, prompts):
+    """UNet-read text states at each prompt's last subject token."""
+    ehs, _, _ = unet_conditioning(model, prompts)
+    return ehs[torch.arange(len(prompts)), torch.tensor([p.subject for p in prompts])].float()
+
+
 def _layer_states(model, comp, prompts, L):
     return subject_states(model, comp, prompts, out_layers=[L])[("out", L)]
 
@@ -169,17 +176,21 @@ def _layer_states(model, comp, prompts, L):
 def optimize_chunk(model, reqs: list[TargetRequest], templates, layers: dict[str, list[int]], cfg: StageIConfig, *, progress=True):
     """Offsets for ``reqs`` (one joint optimisation). Returns ({comp: (B, hidden)}, steps, losses)."""
     B, T = len(reqs), len(templates)
-    comps = [c for c in encoder_components(model) if c in layers]
+    states_site = STATES in layers
+    comps = [STATES] if states_site else [c for c in encoder_components(model) if c in layers]
     src = tokenize_prompts(model, [p for r in reqs for p in expand(r.source, templates)])
     dst = tokenize_prompts(model, [p for r in reqs for p in expand(r.dest, templates)])
     owner = torch.arange(B).repeat_interleave(T)
     init, ref = {}, {}
     for comp in comps:
-        L = layers[comp][-1]
-        hs = _layer_states(model, comp, src, L)
+        if states_site:
+            hs, hd = _read_states(model, src), _read_states(model, dst)
+        else:
+            L = layers[comp][-1]
+            hs = _layer_states(model, comp, src, L)
+            hd = _layer_states(model, comp, dst, L) if cfg.mode in ("dest_hidden", "refine") else None
         ref[comp] = hs.view(B, T, -1).mean(1).norm(dim=-1)  # |h_L| per concept, for clamp and decay
         if cfg.mode in ("dest_hidden", "refine"):
-            hd = _layer_states(model, comp, dst, L)
             init[comp] = hd.view(B, T, -1).mean(1) - hs.view(B, T, -1).mean(1)
         else:
             init[comp] = torch.zeros(B, hs.shape[-1])
@@ -191,8 +202,10 @@ def optimize_chunk(model, reqs: list[TargetRequest], templates, layers: dict[str
     opt = torch.optim.Adam(list(deltas.values()), lr=cfg.lr)
     use_unet = cfg.mode in ("distill", "images", "refine")
     text_w = 0.0 if cfg.mode == "refine" else cfg.text_weight
-    if cfg.mode == "images" and all(r.dest == "" for r in reqs):
-        text_w = 0.0 if cfg.text_weight is None else text_w
+    if cfg.mode == "images" and not all(r.dest for r in reqs):
+        text_w = 0.0  # no destination text to align with
+    if states_site:
+        text_w = 0.0  # offsets on the UNet-read states do not reach the EOS feature
     if cfg.mode == "text":
         text_w = 1.0
     gen = torch.Generator("cpu").manual_seed(cfg.seed)
@@ -238,8 +251,12 @@ def optimize_chunk(model, reqs: list[TargetRequest], templates, layers: dict[str
     it = tqdm(range(cfg.steps), desc="stage I", disable=not progress, leave=False)
     for _ in it:
         opt.zero_grad()
-        inj = {c: Injection(layers[c][-1], deltas[c][owner], pos) for c in comps}
-        ehs, added, eos_src = unet_conditioning(model, src, injections=inj, grad=True)
+        if states_site:
+            so = Injection(-1, deltas[STATES][owner], pos)
+            ehs, added, eos_src = unet_conditioning(model, src, state_offset=so, grad=True)
+        else:
+            inj = {c: Injection(layers[c][-1], deltas[c][owner], pos) for c in comps}
+            ehs, added, eos_src = unet_conditioning(model, src, injections=inj, grad=True)
         per_concept = torch.zeros(B)
         if use_unet:
             t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=gen)
@@ -294,7 +311,7 @@ def compute_targets(
     cfg = cfg or StageIConfig()
     if cfg.mode not in MODES:
         raise ValueError(f"stage I mode must be one of {MODES}, got {cfg.mode!r}")
-    comps = [c for c in encoder_components(model) if c in layers]
+    comps = [STATES] if STATES in layers else [c for c in encoder_components(model) if c in layers]
     model_fp = fingerprint(text_states_fingerprint_weights(model))
     cache = Path(cache_dir) if cache_dir is not None and cfg.mode != "dest_hidden" else None
     out: dict[int, dict[str, torch.Tensor]] = {}

@@ -285,10 +285,18 @@ def eos_positions(ids: torch.Tensor, eos: int) -> torch.Tensor:
     return (ids == eos).int().argmax(dim=-1)
 
 
-def unet_conditioning(model, prompts: list[TokenizedPrompt], *, injections: dict | None = None, grad: bool = False):
+def unet_conditioning(
+    model,
+    prompts: list[TokenizedPrompt],
+    *,
+    injections: dict | None = None,
+    state_offset: Injection | None = None,
+    grad: bool = False,
+):
     """(encoder_hidden_states, added_cond_kwargs or None, eos_features) for padded ``prompts``.
 
-    ``injections`` maps component -> :class:`Injection` (subject-token offsets, with gradient).
+    ``injections`` maps component -> :class:`Injection` (subject-token offsets, with gradient);
+    ``state_offset`` adds offsets to the UNet-read states themselves (its ``layer`` is ignored).
     ``eos_features`` is the final-layer feature at the first EOS of each encoder, concatenated
     (EMCID's text-alignment feature E(p)).
     """
@@ -305,6 +313,10 @@ def unet_conditioning(model, prompts: list[TokenizedPrompt], *, injections: dict
         if comp == "text_encoder_2":
             pooled = out.text_embeds if hasattr(out, "text_embeds") else out[0]
     ehs = torch.cat(states, dim=-1)
+    if state_offset is not None:
+        rows = torch.arange(ehs.shape[0])
+        ehs = ehs.clone()
+        ehs[rows, state_offset.positions] = ehs[rows, state_offset.positions] + state_offset.delta.to(ehs.dtype)
     added = None
     if model.family == "sdxl":
         unet = model.pipe.unet

@@ -45,6 +45,13 @@ class NullSpaceProjector:
     def protected_rank(self) -> int:
         return self.dim - self.kept_rank
 
+    @property
+    def leakage(self) -> float:
+        """Fraction of the preserved keys' energy inside the editable subspace: |K0 P|^2 / |K0|^2."""
+        ev = self.eigenvalues.clamp_min(0)
+        tot = ev.sum().item()
+        return ev[: self.kept_rank].sum().item() / tot if tot > 0 else 0.0
+
     def matrix(self) -> torch.Tensor:
         """P = U U^T (d x d)."""
         return self.basis @ self.basis.mT
@@ -62,13 +69,14 @@ class NullSpaceProjector:
 
 
 def null_space_projector(
-    cov: torch.Tensor, *, threshold: float = 1e-2, relative: bool = True, dtype: torch.dtype = torch.float64
+    cov: torch.Tensor, *, threshold: float = 1e-3, relative: bool = True, dtype: torch.dtype = torch.float64
 ) -> NullSpaceProjector:
     """Projector onto the eigenvectors of ``cov`` whose eigenvalues fall below ``threshold``.
 
     With ``relative`` (default) the threshold is a fraction of the largest eigenvalue, so it
     does not depend on the scale of the activations; otherwise it is absolute (AlphaEdit uses
-    an absolute 1e-2 on a mean second moment).
+    an absolute 1e-2 on a mean second moment). Eigenvalues come ascending from ``eigh``, so the
+    kept ones are the first ``kept_rank``; ``leakage`` reports how much preserved energy they hold.
     """
     if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
         raise ValueError(f"covariance must be square, got {tuple(cov.shape)}")
