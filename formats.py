@@ -66,8 +66,9 @@ def save_lora(delta: ConceptDelta, path: str | Path, *, rank: int | None = None,
                 errors[canonical] = err
         key = kohya_name(canonical, family)
         names[key] = canonical
-        tensors[f"{key}.lora_down.weight"] = ld.down.float().contiguous()
-        tensors[f"{key}.lora_up.weight"] = ld.up.float().contiguous()
+        # .clone(): layers may share one right factor in memory; safetensors stores each separately
+        tensors[f"{key}.lora_down.weight"] = ld.down.float().clone().contiguous()
+        tensors[f"{key}.lora_up.weight"] = ld.up.float().clone().contiguous()
         tensors[f"{key}.alpha"] = torch.tensor(float(ld.rank))
     info = {"kind": "lora", "rank": rank, "max_rel_error": max(errors.values(), default=0.0), "errors": errors}
     with atomic_path(path, overwrite) as tmp:
