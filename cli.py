@@ -112,11 +112,21 @@ def _write_grid(prompts, before, after, out, overwrite):
         grid.save(tmp, format="PNG")
 
 
-def cmd_apply(args):
+def _load_deltas(paths, model):
+    """One delta, or several stacked into one (their sum)."""
     from .formats import load_delta
 
+    known = model.all_weights()
+    deltas = [load_delta(p, known_layers=known) for p in paths]
+    delta = deltas[0]
+    for d in deltas[1:]:
+        delta = delta.stacked(d)
+    return delta
+
+
+def cmd_apply(args):
     path, pipe, model = _load(args)
-    delta = load_delta(args.delta, known_layers=model.all_weights())
+    delta = _load_deltas(args.delta, model)
     prompts = _prompts(args, delta)
     before, after = before_after(pipe, model, delta, prompts, scale=args.scale, seed=args.seed, steps=args.steps, force=args.force)
     _write_grid(prompts, before, after, args.output, args.overwrite)
@@ -125,10 +135,9 @@ def cmd_apply(args):
 
 def cmd_export(args):
     from .export import export_diffusers, export_single_file
-    from .formats import load_delta
 
     path, pipe, model = _load(args)
-    delta = load_delta(args.delta, known_layers=model.all_weights())
+    delta = _load_deltas(args.delta, model)
     out = Path(args.output)
     if out.suffix == ".safetensors":
         if Path(path).is_dir():
@@ -211,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("apply", help="generate before/after images with a delta applied")
     model_args(a)
-    a.add_argument("delta")
+    a.add_argument("delta", nargs="+", help="delta file(s); several are applied together")
     a.add_argument("--prompt", action="append")
     a.add_argument("--scale", type=float, default=1.0)
     a.add_argument("--seed", type=int, default=0)
@@ -223,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="bake a delta into a new model (diffusers folder or single file)")
     model_args(x)
-    x.add_argument("delta")
+    x.add_argument("delta", nargs="+", help="delta file(s); several are baked in together")
     x.add_argument("--scale", type=float, default=1.0)
     x.add_argument("--force", action="store_true")
     x.add_argument("-o", "--output", required=True)

@@ -111,3 +111,17 @@ def test_load_folder_of_each_family(tiny, family, tmp_path):
     out = tmp_path / "e.safetensors"
     assert main(["edit", "--model", str(tmp_path / family), "--erase", "cat", "-o", str(out), "--bf16"]) == 0
     assert read_metadata(out)["family"] == family
+
+
+def test_export_stacks_several_deltas(tiny_sd1_dir, tmp_path):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert main(["edit", "--model", str(tiny_sd1_dir), "--erase", "cat", "-o", str(a)]) == 0
+    assert main(["edit", "--model", str(tiny_sd1_dir), "--replace", "tree=bush", "-o", str(b)]) == 0
+    out = tmp_path / "both"
+    assert main(["export", "--model", str(tiny_sd1_dir), str(a), str(b), "-o", str(out)]) == 0
+    src, new = load_pipeline(tiny_sd1_dir), load_pipeline(out)
+    da, db = load_delta(a), load_delta(b)
+    for name in da.layers:
+        sub = name.partition(".")[2]
+        expect = src.unet.get_submodule(sub).weight.detach() + da.layers[name].dense() + db.layers[name].dense()
+        torch.testing.assert_close(new.unet.get_submodule(sub).weight.detach(), expect, rtol=1e-5, atol=1e-5)
