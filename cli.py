@@ -78,6 +78,9 @@ def cmd_edit(args):
     info = _save(delta, args.output, args.format, args.rank, args.overwrite)
     print(f"{len(plan.edits)} edit(s) on {path} [{model.family}] in {dt:.2f}s -> {args.output} "
           f"({len(delta.layers)} layers, rank <= {delta.max_rank})")
+    if delta.metadata.get("ridge"):
+        print(f"note: the edit system was ill-conditioned (condition ~{delta.metadata['condition']:.3g}); "
+              f"regularized with ridge {delta.metadata['ridge']:.3g}")
     if info.get("max_rel_error"):
         print(f"rank {args.rank} truncation: max relative error {info['max_rel_error']:.3g}")
 

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .base import CROSS_ATTN_SUFFIXES, EditableModel, PromptTooLongError
 
@@ -125,7 +126,8 @@ class DiffusersModel(EditableModel):
             if self.autocast_dtype
             else contextlib.nullcontext()
         )
-        for start in range(0, len(order), self.batch_size):
+        starts = range(0, len(order), self.batch_size)
+        for start in tqdm(starts, desc="encoding prompts", disable=len(starts) < 8, leave=False):
             chunk = order[start : start + self.batch_size]
             width = max(len(id_lists[i]) for i in chunk)
             ids = torch.full((len(chunk), width), eos, dtype=torch.long)
