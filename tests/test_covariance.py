@@ -1,0 +1,32 @@
+"""C0 statistics: correctness on a small caption list, on-disk cache with sample count and fingerprints."""
+import torch
+from safetensors import safe_open
+
+CAPS = ["a cat on a mat", "a dog in the park", "an old red car"]
+
+
+def test_second_moment_matches_direct_computation_and_caches(tiny, tmp_path):
+    from concept_edit import covariance as cv
+    from concept_edit import text_encoder_edit as te
+
+    _, model = tiny("sd1")
+    name = te.fc2_name("text_encoder", 1)
+    C, info = cv.second_moments(model, [name, cv.TEXT_STATES], CAPS, cache_dir=tmp_path, positions="tokens", progress=False)
+    assert info["computed"] == [name, cv.TEXT_STATES]
+    # direct: fc2 inputs at every real token of each caption
+    rows = []
+    for c in CAPS:
+        ids = [49406, *model.token_ids(c), 49407]
+        _, st = te.run_encoder(model, "text_encoder", torch.tensor([ids]), None, fc2_layers=[1])
+        rows.append(st[("fc2_in", 1)][0].double())
+    X = torch.cat(rows)
+    torch.testing.assert_close(C[name], X.mT @ X / X.shape[0], rtol=1e-5, atol=1e-6)
+    assert info["n_samples"][name] == X.shape[0]
+    with safe_open(info["cache_file"], "pt") as f:
+        meta = f.metadata()
+    assert meta["corpus_fingerprint"] == cv.corpus_fingerprint(CAPS) and str(X.shape[0]) in meta["n_samples"]
+    again, info2 = cv.second_moments(model, [name], CAPS, cache_dir=tmp_path, positions="tokens", progress=False)
+    assert info2["computed"] == [] and torch.equal(again[name], C[name])
+    # another corpus -> another file; padded positions -> 77 samples per caption
+    _, info3 = cv.second_moments(model, [name], CAPS[:2], cache_dir=tmp_path, progress=False)
+    assert info3["cache_file"] != info["cache_file"] and info3["n_samples"][name] == 2 * 77
