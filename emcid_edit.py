@@ -166,7 +166,7 @@ def emcid_delta(
     t_targets = time.perf_counter() - t0 - t_cov
 
     def solve(name, K, R):
-        sol = emcid_solve_layer(K, R, cov_weight * C0[name], alpha=alpha)
+        sol = emcid_solve_layer(K, R, cov_weight * C0[name].double(), alpha=alpha)
         return sol.up, sol.down, {"condition": sol.report.condition, "ridge": sol.report.jitter, "rank": int(K.shape[0])}
 
     out, report = spread_edit(model, plan, layers, st1.deltas, solve, key_mode=o.get("key_mode", "mean"), progress=progress)

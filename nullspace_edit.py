@@ -71,13 +71,13 @@ def projectors(model, plan: EditPlan, names: list[str], *, progress: bool = True
     if source in ("corpus", "both"):
         c0, cinfo = second_moments(model, names, o.get("corpus"), cache_dir=o.get("cov_cache_dir"), positions=positions, progress=progress)
         info["covariance"] = {k: v for k, v in cinfo.items() if k != "computed"}
-        C = {n: c0[n].clone() for n in names}
+        C = {n: c0[n].double() for n in names}
     if source in ("preserve", "both"):
         pm = _preserve_moments(model, plan, names, positions)
         if not pm and source == "preserve":
             raise ValueError("projector 'preserve' needs preserve concepts (or preserve_empty)")
         for n, m in pm.items():
-            C[n] = m if C[n] is None else C[n] + m
+            C[n] = m.double() if C[n] is None else C[n] + m.double()
     thr = float(o.get("threshold", 1e-3))
     rel = bool(o.get("relative", True))
     P = {n: null_space_projector(C[n], threshold=thr, relative=rel) for n in names}
