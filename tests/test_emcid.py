@@ -185,3 +185,17 @@ def test_lora_export_of_text_encoder_edit(tiny, family, tmp_path):
 
     for name, w in edited.items():
         torch.testing.assert_close(text_module(_M, name).weight.detach(), w, rtol=1e-5, atol=1e-6)
+
+
+def test_stage_ii_matches_public_emcid_parametrisation():
+    """The public EMCID code scales C0 by (1 - a) / 0.5 * w and keys / residuals by sqrt(a / 0.5),
+    then solves (w' C0 + K K^T) X = K and takes resid X^T (column convention); with C0 = w * cov
+    that is eq. 5 exactly (re-derived here independently of their code)."""
+    K1, V, W0, cov = _problem(seed=3)
+    R = V - K1 @ W0.mT
+    w, a = 37.0, 0.3
+    ks, rs = K1.mT * (a / 0.5) ** 0.5, R.mT * (a / 0.5) ** 0.5  # columns
+    adj = torch.linalg.solve(w * cov * (1 - a) / 0.5 + ks @ ks.mT, ks)
+    theirs = rs @ adj.mT
+    ours = emcid_solve_layer(K1, R, w * cov, alpha=a).dense()
+    torch.testing.assert_close(ours, theirs)
