@@ -25,8 +25,9 @@ so the UNet's noise prediction for the edited prompt matches the destination pro
 EMCID stage I mode for the text-encoder site. Other options: ``lam`` (ridge, 1.0), ``layers``,
 ``corpus``, ``cov_cache_dir``, ``cov_positions``, ``key_mode`` ("each"), stage I settings.
 
-Sequential editing: pass an :class:`~.solvers.nullspace.EditHistory`; earlier edits' keys Kp
-enter the solve (so new edits do not undo them) and this edit's keys are added to it.
+Sequential editing: pass an :class:`~.solvers.nullspace.EditHistory` (or ``history_file``, a
+safetensors file kept between runs); earlier edits' keys Kp enter the solve (so new edits do not
+undo them) and this edit's keys are added to it.
 """
 from __future__ import annotations
 
@@ -85,6 +86,29 @@ def projectors(model, plan: EditPlan, names: list[str], *, progress: bool = True
     return P, info
 
 
+def save_history(history: EditHistory, path) -> None:
+    """Write an EditHistory (Gram matrices + key counts) as safetensors."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from .fileio import atomic_path
+
+    with atomic_path(path, True) as tmp:
+        save_file({k: v.contiguous() for k, v in history.grams.items()}, str(tmp), metadata={"counts": json.dumps(history.counts)})
+
+
+def load_history(path) -> EditHistory:
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        counts = json.loads((f.metadata() or {}).get("counts", "{}"))
+        grams = {k: f.get_tensor(k) for k in f.keys()}
+    return EditHistory.from_state_dict(grams, counts)
+
+
 def nullspace_delta(
     model,
     plan: EditPlan,
@@ -93,13 +117,26 @@ def nullspace_delta(
     images: dict | None = None,
     progress: bool = True,
 ) -> ConceptDelta:
-    """Null-space constrained edit of ``plan`` as a ConceptDelta (model untouched)."""
+    """Null-space constrained edit of ``plan`` as a ConceptDelta (model untouched).
+
+    Sequential editing: pass ``history`` (updated in place), or set ``options.history_file``:
+    the file is loaded if it exists, used, and rewritten with this edit's keys added.
+    """
+    from pathlib import Path
+
     site = plan.options.get("site", "text_encoder")
+    hfile = plan.options.get("history_file")
+    if history is None and hfile:
+        history = load_history(hfile) if Path(hfile).exists() else EditHistory()
     if site == "text_encoder":
-        return _text_encoder(model, plan, history, images, progress)
-    if site == "cross_attention":
-        return _cross_attention(model, plan, history, progress)
-    raise ValueError(f"null-space site must be 'text_encoder' or 'cross_attention', got {site!r}")
+        delta = _text_encoder(model, plan, history, images, progress)
+    elif site == "cross_attention":
+        delta = _cross_attention(model, plan, history, progress)
+    else:
+        raise ValueError(f"null-space site must be 'text_encoder' or 'cross_attention', got {site!r}")
+    if hfile:
+        save_history(history, hfile)
+    return delta
 
 
 def _text_encoder(model, plan, history, images, progress):

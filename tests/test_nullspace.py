@@ -166,3 +166,16 @@ def test_cross_attention_site_projects_out_preserved_keys(tiny):
     plan2.edits = [Edit("replace", "car", "boat")]
     nullspace_delta(model, plan2, history=hist, progress=False)
     assert len(hist) == 6
+
+
+def test_history_file_carries_sequential_edits(tiny, tmp_path):
+    from concept_edit.nullspace_edit import load_history, nullspace_delta
+
+    _, model = tiny("sd1")
+    hf = tmp_path / "history.safetensors"
+    plan = _plan(site="cross_attention", history_file=str(hf))
+    nullspace_delta(model, plan, progress=False)
+    assert len(load_history(hf)) == 4
+    plan.edits = [Edit("replace", "car", "boat")]
+    nullspace_delta(model, plan, progress=False)
+    assert len(load_history(hf)) == 6
