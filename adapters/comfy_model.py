@@ -1,0 +1,247 @@
+"""Host adapter for ComfyUI: the :class:`EditableModel` protocol over a MODEL (ModelPatcher) and a CLIP.
+
+Nothing here imports ComfyUI at module import time; ``comfy`` is imported inside the methods
+that need it, so the package stays importable without ComfyUI.
+
+Which weights an edit is computed against
+-----------------------------------------
+ComfyUI objects carry *patches* (LoRAs, earlier concept edits, model merges) on top of the
+checkpoint's weights. This adapter computes every edit against the **effective** weights — the
+weights ComfyUI itself would sample with, patches included — for both halves of the model:
+
+* keys come from ``clip.encode_from_tokens`` on the CLIP as wired into the edit node (its LoRAs,
+  its CLIP-skip setting and any text-encoder edits applied), i.e. exactly the text states the
+  UNet will read;
+* the cross-attention ``W0`` of each layer is the checkpoint weight with the MODEL's patches
+  applied (``comfy.lora.calculate_weight``), at full float32 precision.
+
+So an erase placed after a style LoRA also removes the LoRA's contribution for that concept,
+and two edit nodes in a chain compose like sequential edits. The resulting delta (and a LoRA
+saved from it) is exact relative to that stack; its ``base_fingerprint`` is the fingerprint of
+those effective weights. Pass ``base="original"`` to compute against the checkpoint's weights
+instead (patches on the MODEL ignored; the CLIP still encodes with its own patches).
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .base import CROSS_ATTN_SUFFIXES, EditableModel, PromptTooLongError
+
+UNET_PREFIX = "diffusion_model."
+# ComfyUI CLIP state-dict prefixes per canonical text-encoder component, by family.
+CLIP_PREFIXES = {
+    "sd1": {"text_encoder": "clip_l.transformer."},
+    "sd2": {"text_encoder": "clip_h.transformer."},
+    "sdxl": {"text_encoder": "clip_l.transformer.", "text_encoder_2": "clip_g.transformer."},
+}
+
+
+class ComfyModelError(ValueError):
+    pass
+
+
+def _unet_config(model_patcher) -> dict:
+    return model_patcher.model.model_config.unet_config
+
+
+def detect_family(model_patcher, clip=None) -> str:
+    """"sd1" | "sd2" | "sdxl" from the UNet's context width (768 / 1024 / 2048)."""
+    ctx = _unet_config(model_patcher).get("context_dim")
+    fam = {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(ctx)
+    if fam is None:
+        raise ComfyModelError(
+            f"unsupported model: cross-attention context width {ctx}; ConceptEdit supports SD 1.x (768), "
+            "SD 2.x (1024) and SDXL (2048) UNets"
+        )
+    return fam
+
+
+def canonical_unet_names(model_patcher) -> dict[str, str]:
+    """canonical ``unet.<diffusers path>`` (no ``.weight``) -> ComfyUI state-dict key of its weight."""
+    import comfy.utils
+
+    mapping = comfy.utils.unet_to_diffusers(_unet_config(model_patcher))
+    out = {}
+    for diff_key, comfy_key in mapping.items():
+        if diff_key.endswith(".weight"):
+            out["unet." + diff_key[: -len(".weight")]] = UNET_PREFIX + comfy_key
+    return out
+
+
+def canonical_clip_names(clip, family: str) -> dict[str, str]:
+    """canonical ``text_encoder[_2].text_model...`` -> ComfyUI CLIP state-dict key of its weight."""
+    keys = clip.patcher.model.state_dict().keys() if hasattr(clip.patcher, "model") else clip.cond_stage_model.state_dict().keys()
+    out = {}
+    for comp, prefix in CLIP_PREFIXES[family].items():
+        for k in keys:
+            if k.startswith(prefix + "text_model.") and k.endswith(".weight"):
+                out[f"{comp}.{k[len(prefix):-len('.weight')]}"] = k
+    return out
+
+
+def effective_weights(patcher, keys, *, base: str = "patched") -> dict[str, torch.Tensor]:
+    """float32 copies of the named weights of a ModelPatcher, with its patches applied
+    (``base="patched"``) or as stored in the checkpoint (``base="original"``).
+
+    Uses ``get_key_patches``, which returns the un-patched weight even while another clone's
+    patches are loaded into the shared module (it reads ComfyUI's backup copy).
+    """
+    import comfy.lora
+
+    keys = list(keys)
+    if not keys:
+        return {}
+    # get_key_patches walks the whole state dict; filter by the common prefix to keep it cheap.
+    prefix = keys[0].split(".")[0] + "."
+    kp = patcher.get_key_patches(prefix) if _accepts_prefix(patcher) else patcher.get_key_patches()
+    out = {}
+    for k in keys:
+        if k not in kp:
+            raise ComfyModelError(f"weight {k} not found in the ComfyUI model")
+        entry = kp[k]
+        w0, convert = entry[0]
+        w = w0.detach().to("cpu", torch.float32, copy=True)
+        if convert is not None:
+            w = convert(w, inplace=True)
+        if base == "patched" and len(entry) > 1:
+            w = comfy.lora.calculate_weight(entry[1:], w, k, intermediate_dtype=torch.float32)
+        out[k] = w.float()
+    return out
+
+
+def _accepts_prefix(patcher) -> bool:
+    import inspect
+
+    try:
+        return "filter_prefix" in inspect.signature(patcher.get_key_patches).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class ComfyEditableModel(EditableModel):
+    """A ComfyUI MODEL (ModelPatcher) + CLIP seen through the EditableModel protocol.
+
+    ``family`` sd1/sd2/sdxl, ``key_dim`` = UNet context width, ``max_tokens`` = 77,
+    ``tokenizer`` = the HF CLIPTokenizer ComfyUI itself uses (clip_l's, or clip_h's for SD 2.x).
+    """
+
+    def __init__(self, model_patcher, clip, *, base: str = "patched", batch_size: int = 32):
+        if base not in ("patched", "original"):
+            raise ValueError("base must be 'patched' or 'original'")
+        if clip is None:
+            raise ComfyModelError("a CLIP is needed to encode the concepts")
+        self.model_patcher = model_patcher
+        self.clip = clip
+        self.base = base
+        self.batch_size = batch_size
+        self.family = detect_family(model_patcher, clip)
+        self.key_dim = int(_unet_config(model_patcher)["context_dim"])
+        # token-dict keys ComfyUI encodes ("l" for SD1, "h" for SD2, "g" and "l" for SDXL)
+        self._streams = list(clip.tokenize("").keys())
+        self._tok = {s: getattr(clip.tokenizer, f"clip_{s}") for s in self._streams}
+        primary = "l" if "l" in self._tok else self._streams[0]
+        self.tokenizer = self._tok[primary].tokenizer
+        self.max_tokens = int(getattr(self._tok[primary], "max_length", 77))
+        self._pad = {s: int(t.pad_token) for s, t in self._tok.items()}
+        self._unet_names: dict[str, str] | None = None
+        self._clip_names: dict[str, str] | None = None
+        self._cache: dict[str, torch.Tensor] = {}
+
+    # -- tokens ---------------------------------------------------------------
+    def token_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def padded_ids(self, text: str) -> list[int]:
+        """BOS, tokens, EOS, then the primary stream's padding up to 77 (per-stream padding is
+        applied in :meth:`encode_ids`)."""
+        ids = [self.tokenizer.bos_token_id, *self.token_ids(text), self.tokenizer.eos_token_id]
+        if len(ids) > self.max_tokens:
+            raise PromptTooLongError(text, len(ids), self.max_tokens)
+        primary = "l" if "l" in self._pad else self._streams[0]
+        return ids + [self._pad[primary]] * (self.max_tokens - len(ids))
+
+    def _stream_ids(self, ids: list[int], stream: str) -> list[int]:
+        eos = self.tokenizer.eos_token_id
+        if eos not in ids:
+            return list(ids)
+        cut = ids.index(eos) + 1
+        return list(ids[:cut]) + [self._pad[stream]] * (len(ids) - cut)
+
+    # -- encoding -------------------------------------------------------------
+    @torch.no_grad()
+    def encode_ids(self, id_lists: list[list[int]]) -> list[torch.Tensor]:
+        """The text states ComfyUI feeds the UNet for each full id sequence (BOS first), float32.
+
+        ComfyUI's CLIP always runs 77 positions, so each sequence is right-padded to 77 and cut
+        back: CLIP is causal, so the padding never changes earlier positions. Sequences go
+        through ``clip.encode_from_tokens`` in chunks, as separate sections (each encoded on its
+        own, concatenated along the token axis).
+        """
+        L = self.max_tokens
+        eos = self.tokenizer.eos_token_id
+        out: list[torch.Tensor | None] = [None] * len(id_lists)
+        for start in range(0, len(id_lists), self.batch_size):
+            chunk = list(range(start, min(start + self.batch_size, len(id_lists))))
+            tokens = {}
+            for s in self._streams:
+                rows = []
+                for i in chunk:
+                    ids = list(id_lists[i])
+                    if len(ids) > L:
+                        raise PromptTooLongError(str(ids), len(ids), L)
+                    rows.append([(t, 1.0) for t in self._stream_ids(ids + [eos] * (L - len(ids)), s)])
+                tokens[s] = rows
+            cond = self.clip.encode_from_tokens(tokens)
+            cond = cond.reshape(len(chunk), L, -1).float().cpu()
+            for r, i in enumerate(chunk):
+                out[i] = cond[r, : len(id_lists[i])].clone()
+        return out  # type: ignore[return-value]
+
+    # -- layers ---------------------------------------------------------------
+    def _names(self):
+        if self._unet_names is None:
+            self._unet_names = canonical_unet_names(self.model_patcher)
+            self._clip_names = canonical_clip_names(self.clip, self.family)
+        return self._unet_names, self._clip_names
+
+    def comfy_key(self, name: str) -> tuple[str, str]:
+        """('unet' | 'clip', ComfyUI state-dict key) for a canonical layer name."""
+        unet, clip = self._names()
+        if name in unet:
+            return "unet", unet[name]
+        if name in clip:
+            return "clip", clip[name]
+        raise KeyError(f"layer {name} not found in this ComfyUI model")
+
+    def weights(self, names) -> dict[str, torch.Tensor]:
+        names = list(names)
+        missing = [n for n in names if n not in self._cache]
+        if missing:
+            groups: dict[str, dict[str, str]] = {"unet": {}, "clip": {}}
+            for n in missing:
+                host, key = self.comfy_key(n)
+                groups[host][key] = n
+            if groups["unet"]:
+                ws = effective_weights(self.model_patcher, groups["unet"], base=self.base)
+                self._cache.update({groups["unet"][k]: v for k, v in ws.items()})
+            if groups["clip"]:
+                ws = effective_weights(self.clip.patcher, groups["clip"], base="patched")
+                self._cache.update({groups["clip"][k]: v for k, v in ws.items()})
+        return {n: self._cache[n] for n in names}
+
+    def cross_attention_weights(self) -> dict[str, torch.Tensor]:
+        unet, _ = self._names()
+        names = [n for n in unet if n.endswith(CROSS_ATTN_SUFFIXES)]
+        if not names:
+            raise ComfyModelError("the ComfyUI model has no cross-attention to_k/to_v layers")
+        return self.weights(sorted(names, key=_natural))
+
+    def all_weights(self) -> dict[str, torch.Tensor]:
+        unet, clip = self._names()
+        return self.weights(list(unet) + list(clip))
+
+
+def _natural(s: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]

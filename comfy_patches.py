@@ -1,0 +1,99 @@
+"""ConceptDelta <-> ComfyUI weight patches, in one place so the nodes stay thin.
+
+A delta is turned into the same kohya LoRA state dict :func:`.formats.save_lora` writes
+(``lora_unet_<diffusers path>`` / ``lora_te_`` / ``lora_te1_`` / ``lora_te2_``, ``alpha`` = rank),
+and that dict goes through ComfyUI's own LoRA machinery (``comfy.lora.load_lora`` with the key maps
+of ``model_lora_keys_unet`` / ``model_lora_keys_clip``). The patches are therefore exactly what
+ComfyUI's LoraLoader would produce for the saved file, in whatever patch format the installed
+ComfyUI uses, and checkpoint saving, LoRA stacking and ``strength`` behave as for any LoRA.
+
+``comfy`` is imported lazily.
+"""
+from __future__ import annotations
+
+import torch
+
+from .delta import ConceptDelta, LayerDelta
+from .formats import kohya_name
+
+
+class UnloadedKeysError(ValueError):
+    pass
+
+
+def lora_state_dict(delta: ConceptDelta) -> dict[str, torch.Tensor]:
+    """kohya LoRA tensors for ``delta`` (alpha = rank, so ComfyUI's scale is exactly 1)."""
+    family = delta.metadata.get("family")
+    sd: dict[str, torch.Tensor] = {}
+    for canonical, ld in delta.layers.items():
+        key = kohya_name(canonical, family)
+        sd[f"{key}.lora_up.weight"] = ld.up.float().contiguous()
+        sd[f"{key}.lora_down.weight"] = ld.down.float().contiguous()
+        sd[f"{key}.alpha"] = torch.tensor(float(ld.rank))
+    return sd
+
+
+def split_components(delta: ConceptDelta) -> tuple[ConceptDelta, ConceptDelta]:
+    """(UNet part, text-encoder part) of a delta."""
+    unet = {k: v for k, v in delta.layers.items() if k.startswith("unet.")}
+    te = {k: v for k, v in delta.layers.items() if not k.startswith("unet.")}
+    return ConceptDelta(unet, dict(delta.metadata)), ConceptDelta(te, dict(delta.metadata))
+
+
+def comfy_patches(lora_sd: dict, key_map: dict) -> tuple[dict, list[str]]:
+    """ComfyUI patch dict for ``lora_sd`` and the list of LoRA keys ComfyUI did not load."""
+    import comfy.lora
+
+    patches = comfy.lora.load_lora(lora_sd, key_map, log_missing=False)
+    used = set()
+    for base in key_map:
+        for suffix in (".lora_up.weight", ".lora_down.weight", ".alpha"):
+            if base + suffix in lora_sd:
+                used.add(base + suffix)
+    unloaded = sorted(k for k in lora_sd if k not in used)
+    return patches, unloaded
+
+
+def apply_to_comfy(delta: ConceptDelta, model=None, clip=None, *, strength_model: float = 1.0, strength_clip: float = 1.0):
+    """Return ``(model_clone, clip_clone, info)`` with ``delta`` added as LoRA patches.
+
+    Inputs are never mutated: a component the delta does not touch is returned as given.
+    Raises :class:`UnloadedKeysError` if any layer of the delta has no home in the model.
+    """
+    import comfy.lora
+
+    unet_part, te_part = split_components(delta)
+    info = {"unet_layers": 0, "text_encoder_layers": 0}
+    new_model, new_clip = model, clip
+    if unet_part.layers:
+        if model is None:
+            raise UnloadedKeysError("the delta edits UNet layers but no MODEL is connected")
+        sd = lora_state_dict(unet_part)
+        patches, unloaded = comfy_patches(sd, comfy.lora.model_lora_keys_unet(model.model, {}))
+        if unloaded:
+            raise UnloadedKeysError(
+                f"{len(unloaded)} LoRA keys match no layer of this model, e.g. {unloaded[0]}; "
+                f"the delta was made for a {delta.metadata.get('family', 'different')} model"
+            )
+        new_model = model.clone()
+        loaded = new_model.add_patches(patches, strength_model)
+        if len(loaded) != len(patches):
+            raise UnloadedKeysError(f"ComfyUI accepted {len(loaded)} of {len(patches)} UNet patches")
+        info["unet_layers"] = len(loaded)
+    if te_part.layers:
+        if clip is None:
+            raise UnloadedKeysError("the delta edits text-encoder layers but no CLIP is connected")
+        sd = lora_state_dict(te_part)
+        patches, unloaded = comfy_patches(sd, comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}))
+        if unloaded:
+            raise UnloadedKeysError(f"{len(unloaded)} text-encoder LoRA keys match no layer of this CLIP, e.g. {unloaded[0]}")
+        new_clip = clip.clone()
+        loaded = new_clip.add_patches(patches, strength_clip)
+        info["text_encoder_layers"] = len(loaded)
+    return new_model, new_clip, info
+
+
+def scaled(delta: ConceptDelta, scale: float) -> ConceptDelta:
+    if scale == 1.0:
+        return delta
+    return ConceptDelta({k: LayerDelta(v.up * scale, v.down) for k, v in delta.layers.items()}, dict(delta.metadata))
