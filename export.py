@@ -1,13 +1,12 @@
 """Bake a delta into a new model on disk. The source is never written to."""
 from __future__ import annotations
 
-import re
+import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from . import ldm_layout as L
 from .apply import apply_delta, check_compatible
 from .delta import ConceptDelta
 from .fileio import atomic_path
@@ -26,57 +25,145 @@ def export_diffusers(pipe, model, delta: ConceptDelta, out_dir: str | Path, *, s
 
 
 def ldm_key_map(single_file: str | Path, pipe) -> dict[str, str]:
-    """canonical layer name -> key in an original-layout (ldm/sgm) single-file checkpoint.
+    """canonical layer name -> key in an original-layout (ldm/sgm) single-file checkpoint, for
+    the layers the engines edit (see :func:`concept_edit.ldm_layout.canonical_to_single_file_keys`).
+    ``pipe``: a pipeline, a local diffusers folder or configs; only names present in the file are kept."""
+    header, _ = L.read_safetensors_header(single_file)
+    family = L.detect_family(L.pipeline_configs(pipe) if L._is_pipeline(pipe) else {}, header)
+    return {k: v for k, v in L.canonical_to_single_file_keys(pipe, family=family).items() if v in header}
 
-    diffusers' own converters rename tensors without copying the ones we edit, so the map is
-    read off by tensor identity rather than re-implementing each family's naming scheme.
-    """
-    from diffusers.loaders import single_file_utils as sfu
 
-    with safe_open(str(single_file), framework="pt") as f:
-        sd = {k: f.get_tensor(k) for k in f.keys()}
-    by_ptr = {v.data_ptr(): k for k, v in sd.items() if v.ndim == 2}
-    out: dict[str, str] = {}
-    unet = sfu.convert_ldm_unet_checkpoint(sd, dict(pipe.unet.config))
-    for k, v in unet.items():
-        if k.endswith(".weight") and v.data_ptr() in by_ptr:
-            out["unet." + k[: -len(".weight")]] = by_ptr[v.data_ptr()]
-    # Text encoders keep transformers' names under a family-specific prefix in SD 1.x/SDXL-L.
-    for k in sd:
-        for prefix, comp in (
-            ("cond_stage_model.transformer.", "text_encoder."),
-            ("conditioner.embedders.0.transformer.", "text_encoder."),
-        ):
-            if k.startswith(prefix) and k.endswith(".weight"):
-                out[comp + k[len(prefix) : -len(".weight")]] = k
-        # OpenCLIP layout (SD 2.x, SDXL's second encoder): resblocks.{i}.mlp.c_fc/c_proj = fc1/fc2.
-        m = re.match(r"(cond_stage_model\.model|conditioner\.embedders\.1\.model)\.transformer\.resblocks\.(\d+)\.mlp\.(c_fc|c_proj)\.weight$", k)
-        if m:
-            comp = "text_encoder." if m.group(1).startswith("cond_stage") else "text_encoder_2."
-            fc = "fc1" if m.group(3) == "c_fc" else "fc2"
-            out[f"{comp}text_model.encoder.layers.{m.group(2)}.mlp.{fc}"] = k
+def _canonical_part(name: str) -> str:
+    """Delta layer name -> canonical parameter name used by the layout entries."""
+    comp, _, sub = name.partition(".")
+    if comp in L.TEXT_ENCODERS:
+        sub = L.canonical_text_key(sub)
+    return f"{comp}.{sub}.weight"
+
+
+def _weights(model, names) -> dict[str, torch.nn.Parameter]:
+    """model.weights, also resolving canonical ``text_model.`` names on flattened encoders."""
+    out = {}
+    for n in names:
+        try:
+            out.update(model.weights([n]))
+        except KeyError:
+            comp, _, sub = n.partition(".")
+            enc = getattr(getattr(model, "pipe", None), comp, None)
+            if comp not in L.TEXT_ENCODERS or enc is None:
+                raise
+            try:
+                out[n] = enc.get_submodule(L.module_key(enc, sub)).weight
+            except AttributeError as e:
+                raise KeyError(f"this model does not have layer {n}") from e
     return out
 
 
-def export_single_file(source: str | Path, pipe, model, delta: ConceptDelta, out_path: str | Path, *,
-                       scale: float = 1.0, check_fingerprint: bool = True, overwrite: bool = False) -> Path:
-    """Copy an original-layout ``.safetensors`` checkpoint with the delta baked in (same layout, so
-    ComfyUI, A1111 and ``from_single_file`` load it like the source)."""
-    check_compatible(delta, model.weights(delta.layers), check_fingerprint=check_fingerprint)
-    if Path(source).resolve() == Path(out_path).resolve():
-        raise ValueError("refusing to export onto the source checkpoint; choose a new output path")
-    keymap = ldm_key_map(source, pipe)
-    missing = [n for n in delta.layers if n not in keymap]
-    if missing:
-        raise ValueError(f"cannot locate {len(missing)} edited layer(s) in {Path(source).name}, e.g. {missing[0]}")
-    with safe_open(str(source), framework="pt") as f:
-        header = f.metadata() or {}
-        sd = {k: f.get_tensor(k) for k in f.keys()}
-    for name, ld in delta.layers.items():
-        k = keymap[name]
-        w = sd[k]
-        sd[k] = (w.float() + scale * ld.dense()).to(w.dtype)
-    header = dict(header, concept_edit="baked:" + str(delta.metadata.get("base_fingerprint")))
-    with atomic_path(out_path, overwrite) as tmp:
-        save_file(sd, str(tmp), metadata=header)
-    return Path(out_path)
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    return a.exists() and b.exists() and os.path.samefile(a, b)
+
+
+def _layout_source(model, pipe):
+    """What the layout is computed from: the SingleFileModel's configs, else the pipeline."""
+    cfgs = getattr(model, "configs", None)
+    if cfgs is not None:
+        return cfgs
+    if pipe is None:
+        pipe = getattr(model, "pipe", None)
+    if pipe is None:
+        raise ValueError("need the model's pipeline or configs to locate layers in the single file")
+    return pipe
+
+
+def export_single_file(source: str | Path | None, pipe, model, delta: ConceptDelta, out_path: str | Path, *,
+                       scale: float = 1.0, check_fingerprint: bool = True, overwrite: bool = False,
+                       dtype: torch.dtype | None = None) -> Path:
+    """Write an original-layout (ldm/sgm) ``.safetensors`` checkpoint with ``delta`` baked in;
+    ComfyUI, A1111 and diffusers' ``from_single_file`` load it like any single file.
+
+    * ``source`` an original-layout ``.safetensors`` file: every tensor is copied byte for byte
+      except the edited ones (read, delta added in float32, cast back to the file's dtype),
+      streaming one tensor at a time (memory: the largest edited tensor). ``pipe`` may be None
+      when ``model`` is a :class:`~concept_edit.adapters.single_file_model.SingleFileModel`.
+    * ``source`` None or a diffusers folder: ``pipe`` is converted with
+      :func:`concept_edit.ldm_layout.to_single_file_state_dict` with the delta applied
+      (``dtype`` optionally casts, e.g. ``torch.float16``); the pipeline is restored afterwards.
+
+    The source is never written to; the output is written atomically and an existing output is
+    refused unless ``overwrite``.
+    """
+    out_path = Path(out_path)
+    if model is None:
+        from .adapters.diffusers_model import DiffusersModel
+
+        model = DiffusersModel(pipe)
+    weights = _weights(model, delta.layers)
+    check_compatible(delta, weights, check_fingerprint=check_fingerprint)
+    src = Path(source) if source is not None else None
+    if src is not None and src.is_file():
+        if _same_file(src, out_path):
+            raise ValueError("refusing to export onto the source checkpoint; choose a new output path")
+        if dtype is not None:
+            raise ValueError("dtype conversion is only supported when exporting from a pipeline")
+        return _bake_single_file(src, _layout_source(model, pipe), delta, out_path, scale=scale, overwrite=overwrite)
+    if pipe is None:
+        pipe = getattr(model, "pipe", None)
+    if pipe is None or getattr(pipe, "vae", None) is None:
+        raise ValueError("exporting a single file needs a single-file source or a full pipeline")
+    meta = {"concept_edit": "baked:" + str(delta.metadata.get("base_fingerprint"))}
+    handle = apply_delta(delta, weights, scale=scale, check_fingerprint=False)
+    try:
+        L.save_single_file(pipe, out_path, overwrite, dtype=dtype, metadata=meta)
+    finally:
+        handle.remove()
+    return out_path
+
+
+def _bake_single_file(source: Path, layout_source, delta: ConceptDelta, out_path: Path, *, scale: float,
+                      overwrite: bool) -> Path:
+    from safetensors import safe_open
+
+    header, data_start = L.read_safetensors_header(source)
+    meta = dict(header.pop("__metadata__", None) or {})
+    family = L.detect_family(L.pipeline_configs(layout_source) if L._is_pipeline(layout_source) else layout_source, header)
+    comps = sorted({n.partition(".")[0] for n in delta.layers})
+    bad = [c for c in comps if c not in ("unet",) + L.TEXT_ENCODERS]
+    if bad:
+        raise ValueError(f"cannot bake {bad[0]} layers into a single file")
+    entries = L.entries_for(layout_source, tuple(comps), family)
+    where = {p: (e, i) for e in entries for i, p in enumerate(e.parts)}
+    bake: dict[str, list[tuple[int, str]]] = {}
+    entry_of: dict[str, L.Entry] = {}
+    for name in delta.layers:
+        hit = where.get(_canonical_part(name))
+        if hit is None or hit[0].key not in header:
+            raise ValueError(f"cannot locate edited layer {name} in {source.name}")
+        e, i = hit
+        bake.setdefault(e.key, []).append((i, name))
+        entry_of[e.key] = e
+    order = sorted(header, key=lambda k: header[k]["data_offsets"][0])
+    specs = [(k, header[k]["dtype"], header[k]["shape"]) for k in order]
+    meta["concept_edit"] = "baked:" + str(delta.metadata.get("base_fingerprint"))
+
+    with safe_open(str(source), framework="pt") as st, open(source, "rb") as raw:
+        def emit(key, f):
+            if key not in bake:
+                a, b = header[key]["data_offsets"]
+                L.copy_range(raw, f, data_start + a, b - a)
+                return
+            e = entry_of[key]
+            t = st.get_tensor(key)
+            parts = e.split(t)
+            for i, name in bake[key]:
+                w = parts[i]
+                parts[i] = (w.float() + scale * delta.layers[name].dense()).to(w.dtype)
+            new = e.combine(parts).to(t.dtype)
+            if new.shape != t.shape:
+                raise ValueError(f"{key}: baked shape {tuple(new.shape)} != {tuple(t.shape)}")
+            f.write(L.tensor_bytes(new))
+
+        with atomic_path(out_path, overwrite) as tmp:
+            L.write_stream(tmp, specs, emit, metadata=meta)
+    return out_path

@@ -1,0 +1,231 @@
+"""Original-layout single files: write, load back through diffusers, edit lazily, bake."""
+import hashlib
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from concept_edit import ldm_layout as L
+from concept_edit.adapters.diffusers_model import DiffusersModel, load_pipeline
+from concept_edit.adapters.single_file_model import SingleFileModel
+from concept_edit.delta import ConceptDelta, LayerDelta
+from concept_edit.edits import plan_from_dict
+from concept_edit.export import export_single_file
+from concept_edit.fileio import OutputExistsError
+from concept_edit.tiny_models import build_tiny_pipeline
+from concept_edit.uce_edit import uce_delta
+
+FAMILIES = ["sd1", "sd2", "sdxl"]
+PLAN = {"edits": [{"erase": "cat"}], "preserve": ["tree"]}
+
+
+def tiny_sdxl_distinct_encoders(seed: int = 0):
+    """Tiny SDXL whose two text encoders differ in width (32 vs 48).
+
+    diffusers' single-file loader tells SDXL's encoders apart by width, so with the stock tiny
+    SDXL (both 32 wide) it would load encoder 1's weights into encoder 2.
+    """
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    base = build_tiny_pipeline("sdxl", seed=seed)
+    torch.manual_seed(seed + 1)
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=49408, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=1, hidden_act="gelu",
+        projection_dim=32,
+    ))
+    cfg = {k: v for k, v in base.unet.config.items() if not k.startswith("_")}
+    cfg["cross_attention_dim"] = 32 + 48
+    return StableDiffusionXLPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=te2, tokenizer=base.tokenizer,
+        tokenizer_2=base.tokenizer_2, unet=UNet2DConditionModel(**cfg), scheduler=base.scheduler,
+        force_zeros_for_empty_prompt=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """family -> (pipeline, its diffusers folder, its original-layout single file)."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            pipe = tiny_sdxl_distinct_encoders() if family == "sdxl" else build_tiny_pipeline(family)
+            root = tmp_path_factory.mktemp(f"single_{family}")
+            pipe.save_pretrained(str(root / "config"))
+            path = L.save_single_file(pipe, root / f"{family}.safetensors")
+            cache[family] = (pipe, root / "config", path)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def full_delta(single):
+    """family -> the UCE delta of PLAN computed on the fully loaded pipeline."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = uce_delta(DiffusersModel(single(family)[0]), plan_from_dict(PLAN), progress=False)
+        return cache[family]
+
+    return get
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def assert_same_weights(a, b):
+    sa, sb = L.canonical_state_dict(a), L.canonical_state_dict(b)
+    assert sa.keys() == sb.keys()
+    bad = [k for k in sa if sa[k].shape != sb[k].shape or not torch.equal(sa[k], sb[k])]
+    assert not bad, f"{len(bad)} tensors differ, e.g. {bad[:3]}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_diffusers_loads_written_file_exactly(single, family):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    pipe, cfg, path = single(family)
+    if family == "sdxl":
+        loaded = StableDiffusionXLPipeline.from_single_file(str(path), config=str(cfg), local_files_only=True)
+    else:
+        loaded = StableDiffusionPipeline.from_single_file(
+            str(path), config=str(cfg), local_files_only=True, safety_checker=None, requires_safety_checker=False)
+    assert_same_weights(pipe, loaded)
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+    prefixes = {"sd1": "cond_stage_model.transformer.text_model.", "sd2": "cond_stage_model.model.transformer.resblocks.",
+                "sdxl": "conditioner.embedders.1.model.transformer.resblocks."}
+    assert any(k.startswith(prefixes[family]) for k in keys)
+    assert all(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")) for k in keys)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_canonical_keys(single, family):
+    pipe, cfg, path = single(family)
+    keys = L.canonical_to_single_file_keys(pipe)
+    assert keys == L.canonical_to_single_file_keys(cfg)  # from the configs alone
+    n_te = sum(k.startswith("text_encoder") for k in keys)
+    assert n_te == 2 * sum(getattr(pipe, c).config.num_hidden_layers for c in L.TEXT_ENCODERS if getattr(pipe, c, None) is not None)
+    model = DiffusersModel(pipe)
+    assert {k for k in keys if k.startswith("unet.")} == set(model.cross_attention_weights())
+    with safe_open(str(path), framework="pt") as f:
+        for name, key in keys.items():
+            comp, _, sub = name.partition(".")
+            enc = getattr(pipe, comp)
+            w = enc.get_submodule(L.module_key(enc, sub)).weight
+            assert torch.equal(f.get_tensor(key), w), name
+    if family != "sd1":  # OpenCLIP names
+        assert any(v.endswith("mlp.c_proj.weight") for v in keys.values())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_single_file_model_matches_full_pipeline(single, full_delta, family):
+    pipe, cfg, path = single(family)
+    full = full_delta(family)
+    lazy_model = SingleFileModel(path, cfg)
+    lazy = uce_delta(lazy_model, plan_from_dict(PLAN), progress=False)
+    assert lazy_model.family == family
+    assert list(lazy.layers) == list(full.layers)
+    for name in full.layers:
+        assert torch.equal(lazy.layers[name].up, full.layers[name].up), name
+        assert torch.equal(lazy.layers[name].down, full.layers[name].down), name
+    assert lazy.metadata["base_fingerprint"] == full.metadata["base_fingerprint"]
+    # nothing of the UNet beyond the cross-attention weights was read
+    assert not hasattr(lazy_model.pipe.unet, "parameters") and getattr(lazy_model.pipe, "vae", None) is None
+    assert set(lazy_model._cache) == set(full.layers)
+    assert set(lazy_model.all_weights()) == set(DiffusersModel(pipe).all_weights())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_from_single_file(single, full_delta, family, tmp_path):
+    pipe, cfg, path = single(family)
+    before = sha(path)
+    model = SingleFileModel(path, cfg)
+    delta = full_delta(family)
+    # one text-encoder layer too (OpenCLIP: c_proj; SDXL: encoder 2's fused q in in_proj)
+    comp = "text_encoder_2" if family == "sdxl" else "text_encoder"
+    te = getattr(pipe, comp)
+    extra = {f"{comp}.text_model.encoder.layers.1.mlp.fc2": te.config.hidden_size}
+    if family == "sdxl":
+        extra[f"{comp}.text_model.encoder.layers.0.self_attn.q_proj"] = te.config.hidden_size
+    g = torch.Generator().manual_seed(1)
+    layers = dict(delta.layers)
+    for name, width in extra.items():
+        w = L.module_key(te, name.partition(".")[2])
+        shape = te.get_submodule(w).weight.shape
+        layers[name] = LayerDelta(torch.randn(shape[0], 2, generator=g), torch.randn(2, shape[1], generator=g) * 0.01)
+    delta = ConceptDelta(layers, dict(delta.metadata, base_fingerprint=None))
+
+    out = tmp_path / "edited.safetensors"
+    export_single_file(path, None, model, delta, out)
+    assert sha(path) == before  # the source is never written to
+    new = load_pipeline(out, config=cfg)
+    src = L.canonical_state_dict(pipe)
+    got = L.canonical_state_dict(new)
+    edited = {n + ".weight": n for n in delta.layers}  # canonical parameter names
+    assert set(edited) <= set(src)
+    for key, t in src.items():
+        if key in edited:
+            name = edited[key]
+            torch.testing.assert_close(got[key], t + delta.layers[name].dense(), rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(got[key], t), key
+    # unedited tensors are byte-identical, header metadata records the bake
+    with safe_open(str(path), framework="pt") as a, safe_open(str(out), framework="pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        assert b.metadata()["concept_edit"].startswith("baked:")
+    with pytest.raises(OutputExistsError):
+        export_single_file(path, None, model, delta, out)
+    with pytest.raises(ValueError, match="source"):
+        export_single_file(path, None, model, delta, path, overwrite=True)
+    assert sha(path) == before
+
+
+def test_export_from_pipeline(single, full_delta, tmp_path):
+    pipe, cfg, _ = single("sd1")
+    model = DiffusersModel(pipe)
+    delta = full_delta("sd1")
+    pristine = {n: w.detach().clone() for n, w in model.weights(delta.layers).items()}
+    out = tmp_path / "from_pipe.safetensors"
+    export_single_file(None, pipe, model, delta, out, dtype=torch.float16)
+    for n, w in model.weights(delta.layers).items():  # the pipeline is restored
+        assert torch.equal(w, pristine[n])
+    new = load_pipeline(out, config=cfg)
+    for n, ld in delta.layers.items():
+        w = new.unet.get_submodule(n.partition(".")[2]).weight
+        assert w.dtype == torch.float32  # load_pipeline's dtype; the file holds float16
+        torch.testing.assert_close(w, (pristine[n] + ld.dense()).half().float())
+    with pytest.raises(OutputExistsError):
+        L.save_single_file(pipe, out)
+
+
+def test_stock_tiny_sdxl_round_trips_through_own_mapping(tmp_path):
+    """The stock tiny SDXL (equal encoder widths) through our own reader."""
+    pipe = build_tiny_pipeline("sdxl")
+    pipe.save_pretrained(str(tmp_path / "cfg"))
+    path = L.save_single_file(pipe, tmp_path / "xl.safetensors")
+    model = SingleFileModel(path, tmp_path / "cfg")
+    for comp in L.TEXT_ENCODERS:
+        a, b = getattr(pipe, comp).state_dict(), getattr(model.pipe, comp).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ws = model.cross_attention_weights()
+    full = DiffusersModel(pipe).cross_attention_weights()
+    assert list(ws) == list(full) and all(torch.equal(ws[n], full[n]) for n in ws)
+
+
+def test_refusals(single, tmp_path):
+    from concept_edit.adapters.diffusers_model import ModelLoadError
+
+    _, cfg1, p1 = single("sd1")
+    _, cfg2, _ = single("sd2")
+    with pytest.raises(ModelLoadError, match="sd1 checkpoint but config"):
+        SingleFileModel(p1, cfg2)
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        SingleFileModel(tmp_path / "nope.safetensors", cfg1)
+    with pytest.raises(KeyError, match="does not have"):
+        SingleFileModel(p1, cfg1).weights(["unet.nope.to_k"])
