@@ -1,0 +1,179 @@
+"""Edit nodes: one per (method, kind). Each takes MODEL + CLIP, never mutates them, and returns
+patched clones (ComfyUI LoRA-style weight patches via ``add_patches``) plus the CONCEPT_DELTA.
+
+Edits are computed against the *effective* weights: the MODEL's and CLIP's existing patches
+(LoRAs, earlier edits) included, unless ``base`` is set to "original" (see
+``adapters/comfy_model.py`` and docs/comfyui.md).
+"""
+from __future__ import annotations
+
+from ..methods import compute_delta
+from .common import (
+    CATEGORY,
+    DELTA_TYPE,
+    common_settings,
+    debias_edits,
+    edit_summary,
+    erase_edits,
+    make_plan,
+    moderate_edits,
+    replace_edits,
+    residual_errors,
+)
+
+# method -> (display name, kinds it supports, fixed plan options). UCE and the null-space
+# engine's cross-attention site both run on any EditableModel, so both work in ComfyUI.
+# The text-encoder methods (EMCID, null-space text-encoder site) still need a diffusers pipeline.
+METHODS = {
+    "uce": ("UCE", ("erase", "replace", "moderate", "debias"), {}),
+    "nullspace": ("Null-space", ("erase", "replace", "moderate"), {"site": "cross_attention", "projector": "preserve"}),
+}
+
+
+def _common_inputs(preserve_default: str = ""):
+    return {
+        "preserve": ("STRING", {"multiline": True, "default": preserve_default,
+                                "tooltip": "Concepts to keep unchanged, one per line or comma-separated"}),
+        "lambda_": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 100.0, "step": 0.01,
+                              "tooltip": "Ridge towards the original weights"}),
+        "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                               "tooltip": "Patch strength, as on a LoRA loader"}),
+    }
+
+
+def _advanced_inputs():
+    return {
+        "erase_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01}),
+        "preserve_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01}),
+        "token": (["last", "aligned"], {"default": "last"}),
+        "templates": ("STRING", {"multiline": True, "default": "{}",
+                                 "tooltip": "Prompt templates, one per line, each with one {}"}),
+        "layers": (["kv", "v"], {"default": "kv"}),
+        "base": (["patched", "original"], {"default": "patched",
+                                           "tooltip": "Compute against the weights with earlier patches (LoRAs, edits) applied, or the checkpoint's"}),
+    }
+
+
+class _EditNode:
+    METHOD = "uce"
+    KIND = "erase"
+    RETURN_TYPES = ("MODEL", "CLIP", DELTA_TYPE)
+    RETURN_NAMES = ("model", "clip", "delta")
+    FUNCTION = "edit"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def kind_inputs(cls) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        req = {"model": ("MODEL",), "clip": ("CLIP",)}
+        req.update(cls.kind_inputs())
+        req.update(_common_inputs())
+        return {"required": req, "optional": _advanced_inputs()}
+
+    def build_edits(self, **kw):
+        raise NotImplementedError
+
+    def edit(self, model, clip, preserve="", lambda_=0.5, strength=1.0, erase_scale=1.0, preserve_scale=1.0,
+             token="last", templates="{}", layers="kv", base="patched", **kind_kw):
+        edits = self.build_edits(**kind_kw)
+        settings = common_settings(preserve, lambda_, erase_scale, preserve_scale, token, templates, layers)
+        plan = make_plan(edits, self.METHOD, settings, METHODS[self.METHOD][2])
+        return run_edit(model, clip, plan, strength=strength, base=base)
+
+
+def run_edit(model, clip, plan, *, strength: float = 1.0, base: str = "patched"):
+    """Compute ``plan`` on (model, clip) and return the node result with its UI summary."""
+    from ..adapters.comfy_model import ComfyEditableModel
+    from ..comfy_patches import apply_to_comfy
+
+    em = ComfyEditableModel(model, clip, base=base)
+    delta = compute_delta(em, plan, progress=False)
+    delta.metadata.setdefault("comfyui", {})["base"] = base
+    try:
+        errors = residual_errors(em, plan, delta)
+    except Exception:  # a summary must never fail the edit
+        errors = {}
+    new_model, new_clip, info = apply_to_comfy(delta, model, clip, strength_model=strength, strength_clip=strength)
+    summary = edit_summary(delta, plan, errors, {"strength": strength, "base": base, "patched": info})
+    return {"ui": {"concept_edit": [summary]}, "result": (new_model, new_clip, delta)}
+
+
+class _Erase(_EditNode):
+    KIND = "erase"
+
+    @classmethod
+    def kind_inputs(cls):
+        return {
+            "concepts": ("STRING", {"multiline": True, "default": "Van Gogh",
+                                    "tooltip": "Concepts to erase, one per line or comma-separated"}),
+            "concept_type": (["style", "object"], {"default": "style"}),
+            "guide": ("STRING", {"default": "", "tooltip": "Map erased concepts onto this (empty: 'art' for styles, '' for objects)"}),
+        }
+
+    def build_edits(self, concepts="", concept_type="style", guide=""):
+        return erase_edits(concepts, concept_type, guide)
+
+
+class _Replace(_EditNode):
+    KIND = "replace"
+
+    @classmethod
+    def kind_inputs(cls):
+        return {"replacements": ("STRING", {"multiline": True, "default": "cat -> dog",
+                                            "tooltip": "'source -> destination', one per line"})}
+
+    def build_edits(self, replacements=""):
+        return replace_edits(replacements)
+
+
+class _Moderate(_EditNode):
+    KIND = "moderate"
+
+    @classmethod
+    def kind_inputs(cls):
+        return {
+            "concepts": ("STRING", {"multiline": True, "default": "nudity"}),
+            "moderation": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                                     "tooltip": "How far towards the unconditional key (1 = all the way)"}),
+        }
+
+    def build_edits(self, concepts="", moderation=1.0):
+        return moderate_edits(concepts, moderation)
+
+
+class _Debias(_EditNode):
+    KIND = "debias"
+
+    @classmethod
+    def kind_inputs(cls):
+        return {
+            "concepts": ("STRING", {"multiline": True, "default": "doctor"}),
+            "attributes": ("STRING", {"default": "male, female"}),
+            "ratios": ("STRING", {"default": "0.5, 0.5", "tooltip": "Desired proportions (sum to 1)"}),
+            "alphas": ("STRING", {"default": "", "tooltip": "Attribute coefficients; empty = start from the ratios"}),
+        }
+
+    def build_edits(self, concepts="", attributes="", ratios="", alphas=""):
+        return debias_edits(concepts, attributes, ratios, alphas)
+
+
+KIND_BASES = {"erase": _Erase, "replace": _Replace, "moderate": _Moderate, "debias": _Debias}
+
+
+def _make_classes():
+    classes, names = {}, {}
+    for method, (label, kinds, _) in METHODS.items():
+        for kind in kinds:
+            base = KIND_BASES[kind]
+            cls_name = f"ConceptEdit{label.replace('-', '')}{kind.capitalize()}"
+            cls = type(cls_name, (base,), {"METHOD": method, "KIND": kind,
+                                           "DESCRIPTION": f"{label} {kind}: closed-form edit of the UNet's cross-attention"})
+            classes[cls_name] = cls
+            names[cls_name] = f"{label} {kind.capitalize()} (ConceptEdit)"
+    return classes, names
+
+
+EDIT_NODES, EDIT_NODE_NAMES = _make_classes()
