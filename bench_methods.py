@@ -69,3 +69,47 @@ def make_method(name: str, *, corpus=None, cache_dir=None, progress: bool = Fals
 
 
 METHODS = {name: make_method(name) for name in PRESETS}
+
+
+def noise_scores(model, delta: ConceptDelta, pairs: list[tuple[str, str]], holdout: list[str], *, n_noise: int = 4, seed: int = 0) -> dict:
+    """A classifier-free proxy of Source2Dest / Holdout Delta through the UNet's noise prediction.
+
+    For prompts p (source) and p_hat (destination) and fixed noised latents x_t:
+    ``source2dest`` = mean over pairs of 1 - |eps'(p) - eps(p_hat)| / |eps(p) - eps(p_hat)| (1: the
+    edited model treats the source as the destination, 0: unchanged), ``holdout_drift`` = mean
+    over holdout prompts of |eps'(h) - eps(h)| / mean |eps(p) - eps(p_hat)| (0: untouched).
+    eps' is the edited model (delta applied, then removed).
+    """
+    import torch
+
+    from .apply import apply_delta
+    from .keys import Prompt
+    from .text_encoder_edit import layer_weights, tokenize_prompts, unet_conditioning
+
+    pipe = model.pipe
+    g = torch.Generator("cpu").manual_seed(seed)
+    c = pipe.unet.config
+    x0 = torch.randn(n_noise, c.in_channels, c.sample_size, c.sample_size, generator=g)
+    t = torch.linspace(100, 900, n_noise).long()
+
+    def eps(texts):
+        out = []
+        for text in texts:
+            pr = tokenize_prompts(model, [Prompt(text, 0)] * n_noise)
+            ehs, added, _ = unet_conditioning(model, pr)
+            kw = {"added_cond_kwargs": added} if added is not None else {}
+            with torch.no_grad():
+                out.append(pipe.unet(x0, t, encoder_hidden_states=ehs, **kw).sample.flatten())
+        return torch.stack(out)
+
+    src, dst = [p for p, _ in pairs], [q for _, q in pairs]
+    e_src, e_dst, e_hold = eps(src), eps(dst), eps(holdout)
+    h = apply_delta(delta, layer_weights(model, list(delta.layers)), check_fingerprint=False)
+    try:
+        f_src, f_hold = eps(src), eps(holdout)
+    finally:
+        h.remove()
+    base = (e_src - e_dst).norm(dim=1).clamp_min(1e-12)
+    s2d = (1 - (f_src - e_dst).norm(dim=1) / base).mean().item()
+    drift = ((f_hold - e_hold).norm(dim=1) / base.mean()).mean().item() if holdout else 0.0
+    return {"source2dest": s2d, "holdout_drift": drift}
