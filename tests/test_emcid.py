@@ -152,7 +152,7 @@ def test_emcid_with_distilled_targets_and_uce_combination(tiny, tmp_path):
     assert any(n.startswith("unet.") for n in both.layers) and any(n.startswith("text_encoder") for n in both.layers)
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_lora_export_of_text_encoder_edit(tiny, family, tmp_path):
     formats = pytest.importorskip("concept_edit.formats")
     from safetensors import safe_open
