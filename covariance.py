@@ -58,11 +58,19 @@ def corpus_fingerprint(captions: list[str]) -> str:
 
 
 def model_fingerprint(model) -> str:
-    """Fingerprint of every text-encoder weight (C0 of any layer depends only on those)."""
+    """Fingerprint of every text-encoder weight (C0 of any layer depends only on those).
+
+    Works on any EditableModel: a diffusers model is read through its pipeline, other hosts
+    (ComfyUI) through ``all_weights()`` (the text-encoder entries)."""
     ws = {}
-    for comp in encoder_components(model):
-        for name, p in encoder(model, comp).named_parameters():
-            ws[f"{comp}.{name}"] = p  # current values: C0 is a statistic of the model as it is now
+    if hasattr(model, "pipe"):
+        for comp in encoder_components(model):
+            for name, p in encoder(model, comp).named_parameters():
+                ws[f"{comp}.{name}"] = p  # current values: C0 is a statistic of the model as it is now
+    else:
+        ws = {k: v for k, v in model.all_weights().items() if k.startswith("text_encoder")}
+        if not ws:
+            raise CovarianceCacheError("cannot fingerprint this model's text encoder (no text_encoder weights listed)")
     return fingerprint(ws)
 
 
