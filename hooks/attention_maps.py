@@ -284,7 +284,9 @@ class ComfyAttn2Capture:
         return out.to(q.dtype)
 
 
-_BLOCK_RE = re.compile(r"^diffusion_model\.(input_blocks|middle_block|output_blocks)\.(\d+)\.\d+\.transformer_blocks\.\d+\.attn2\.to_k\.weight$")
+_BLOCK_RE = re.compile(
+    r"^diffusion_model\.(input_blocks\.(\d+)|middle_block|output_blocks\.(\d+))\.\d+\.transformer_blocks\.\d+\.attn2\.to_k\.weight$"
+)
 
 
 def comfy_capture_blocks(state_dict_keys) -> list[tuple[str, int]]:
@@ -293,11 +295,10 @@ def comfy_capture_blocks(state_dict_keys) -> list[tuple[str, int]]:
     for k in state_dict_keys:
         m = _BLOCK_RE.match(k)
         if m:
-            kind, num = m.group(1), int(m.group(2))
-            if kind == "input_blocks":
-                out.add(("input", num))
-            elif kind == "output_blocks":
-                out.add(("output", num))
+            if m.group(2) is not None:
+                out.add(("input", int(m.group(2))))
+            elif m.group(3) is not None:
+                out.add(("output", int(m.group(3))))
             else:
                 out.add(("middle", 0))
     order = {"input": 0, "middle": 1, "output": 2}

@@ -1,0 +1,189 @@
+"""The ComfyUI node pack without ComfyUI: import, node definitions, widget parsing, plans, summaries,
+the delta -> LoRA patch conversion, and the example workflows' consistency."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from concept_edit.comfy_patches import lora_state_dict, split_components
+from concept_edit.delta import ConceptDelta, LayerDelta
+from concept_edit.edits import PlanError
+from concept_edit.methods import compute_delta
+from concept_edit.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from concept_edit.nodes.common import (
+    common_settings,
+    debias_edits,
+    edit_summary,
+    erase_edits,
+    make_plan,
+    moderate_edits,
+    parse_floats,
+    parse_list,
+    parse_pairs,
+    replace_edits,
+    residual_errors,
+)
+from concept_edit.nodes.delta_io_nodes import next_path
+
+REPO = Path(__file__).resolve().parents[1]
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+
+
+def test_pack_imports_under_its_folder_name_without_comfyui():
+    """ComfyUI imports the repository folder under its directory name: relative imports only,
+    no ComfyUI needed, and the node mappings and web directory are exported."""
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('ConceptEdit', {str(REPO / '__init__.py')!r}, "
+        f"submodule_search_locations=[{str(REPO)!r}])\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['ConceptEdit'] = m; spec.loader.exec_module(m)\n"
+        "assert 'comfy' not in sys.modules and 'folder_paths' not in sys.modules and 'server' not in sys.modules\n"
+        "assert 'concept_edit' not in sys.modules, 'absolute self-import'\n"
+        "print(len(m.NODE_CLASS_MAPPINGS), m.WEB_DIRECTORY)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=300)
+    assert out.returncode == 0, out.stderr
+    n, web = out.stdout.split()
+    assert int(n) == len(NODE_CLASS_MAPPINGS) and web == "./web"
+    assert (REPO / "web" / "concept_edit.js").exists()
+
+
+def test_node_definitions():
+    kinds = {"Erase", "Replace", "Moderate", "Debias"}
+    assert {f"ConceptEditUCE{k}" for k in kinds} <= set(NODE_CLASS_MAPPINGS)
+    for name, cls in NODE_CLASS_MAPPINGS.items():
+        assert name in NODE_DISPLAY_NAME_MAPPINGS
+        spec = cls.INPUT_TYPES()
+        assert "required" in spec
+        for section in spec.values():
+            for inp, s in section.items():
+                assert isinstance(s, tuple) and (isinstance(s[0], (str, list))), (name, inp)
+        assert hasattr(cls, cls.FUNCTION)
+        if getattr(cls, "RETURN_NAMES", None):
+            assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES)
+        if name.startswith("ConceptEdit") and name[-5:] in ("Erase", "place", "erate", "ebias"):
+            assert cls.RETURN_TYPES == ("MODEL", "CLIP", "CONCEPT_DELTA")
+            assert {"model", "clip"} <= set(spec["required"])
+
+
+def test_parsing_widgets():
+    assert parse_list("Van Gogh, Monet\n# comment\n\nPicasso  # trailing") == ["Van Gogh", "Monet", "Picasso"]
+    assert parse_pairs("cat -> dog\nred car = blue car, a: b") == [("cat", "dog"), ("red car", "blue car"), ("a", "b")]
+    with pytest.raises(PlanError):
+        parse_pairs("cat")
+    assert parse_floats("0.5, 0.5") == [0.5, 0.5] and parse_floats("") == []
+    with pytest.raises(PlanError):
+        parse_floats("a, b")
+    e = erase_edits("Van Gogh\nMonet", "style", "")
+    assert [(x.kind, x.source, x.target) for x in e] == [("erase", "Van Gogh", "art"), ("erase", "Monet", "art")]
+    assert erase_edits("cat", "object", "")[0].target == ""
+    assert erase_edits("cat", "object", "animal")[0].target == "animal"
+    assert replace_edits("cat -> dog")[0].target == "dog"
+    assert moderate_edits("gore", 0.5)[0].strength == 0.5
+    d = debias_edits("doctor", "male, female", "0.3, 0.7", "")
+    assert d[0].attributes == ["male", "female"] and d[0].ratios == [0.3, 0.7] and d[0].alphas == [0.3, 0.7]
+    assert debias_edits("doctor", "male, female", "", "0.1, 0.2")[0].alphas == [0.1, 0.2]
+    with pytest.raises(PlanError):
+        erase_edits(" , ", "style", "")
+    s = common_settings("Monet", 0.5, 1.0, 1.0, "last", "{}\n\na painting by {}", "kv")
+    plan = make_plan(e, "uce", s)
+    assert plan.templates == ["{}", "a painting by {}"] and plan.preserve == []  # Monet is also erased
+    assert make_plan(erase_edits("Van Gogh", "style", ""), "uce", s).preserve == ["Monet"]
+
+
+def test_residual_and_summary_on_a_real_edit(tiny):
+    _, model = tiny("sd1")
+    settings = common_settings("Monet", 0.5, 1.0, 1.0, "last", "{}", "kv")
+    plan = make_plan(erase_edits("Van Gogh", "style", "") + replace_edits("cat -> dog"), "uce", settings)
+    delta = compute_delta(model, plan, progress=False)
+    errs = residual_errors(model, plan, delta)
+    assert set(errs) == set(delta.layers)
+    assert max(errs.values()) < 0.5  # lambda 0.5 pulls towards W0; targets are mostly reached
+    loose = make_plan(plan.edits, "uce", common_settings("", 50.0, 1.0, 1.0, "last", "{}", "kv"))
+    assert min(residual_errors(model, loose, compute_delta(model, loose, progress=False)).values()) > max(errs.values())
+    s = edit_summary(delta, plan, errs, {"strength": 1.0})
+    assert s["concepts"] == ["erase Van Gogh -> art", "replace cat -> dog"]
+    assert s["layers"] == len(delta.layers) and s["components"] == {"unet": len(delta.layers)}
+    assert s["max_rank"] == delta.max_rank and 0 <= s["residual_error"]["mean"] <= s["residual_error"]["max"]
+    json.dumps(s)  # goes to the browser
+
+
+def test_lora_state_dict_matches_saved_file(tmp_path):
+    from safetensors.torch import load_file
+
+    from concept_edit.formats import save_lora
+
+    g = torch.Generator().manual_seed(0)
+    layers = {
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": LayerDelta(torch.randn(8, 2, generator=g), torch.randn(2, 4, generator=g)),
+        "text_encoder.text_model.encoder.layers.3.mlp.fc2": LayerDelta(torch.randn(4, 1, generator=g), torch.randn(1, 16, generator=g)),
+    }
+    delta = ConceptDelta(layers, {"family": "sd1", "method": "uce"})
+    sd = lora_state_dict(delta)
+    save_lora(delta, tmp_path / "d.safetensors")
+    saved = load_file(str(tmp_path / "d.safetensors"))
+    assert set(sd) == set(saved)
+    for k in sd:
+        assert torch.equal(sd[k], saved[k])
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight" in sd
+    assert "lora_te_text_model_encoder_layers_3_mlp_fc2.alpha" in sd
+    unet, te = split_components(delta)
+    assert list(unet.layers) == [next(iter(layers))] and len(te.layers) == 1
+    sdxl = lora_state_dict(ConceptDelta(layers, {"family": "sdxl"}))
+    assert any(k.startswith("lora_te1_") for k in sdxl)
+
+
+def test_next_path_counts_and_stays_inside(tmp_path):
+    p1 = next_path(tmp_path, "concept_edit/erase")
+    assert p1 == tmp_path / "concept_edit" / "erase_00001_.safetensors"
+    p1.write_bytes(b"")
+    assert next_path(tmp_path, "concept_edit/erase").name == "erase_00002_.safetensors"
+    with pytest.raises(ValueError):
+        next_path(tmp_path, "../../etc/x")
+
+
+# --------------------------------------------------------------------------- example workflows
+def _load_build():
+    spec = importlib.util.spec_from_file_location("ce_build_workflows", REPO / "example_workflows" / "build.py")
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    return m
+
+
+def _widget_names(cls):
+    spec = cls.INPUT_TYPES()
+    names = []
+    for section in ("required", "optional"):
+        for name, s in spec.get(section, {}).items():
+            if isinstance(s[0], list) or s[0] in WIDGET_TYPES:
+                names.append(name)
+    return names
+
+
+@pytest.mark.parametrize("name", sorted(_load_build().WORKFLOWS))
+def test_example_workflows_are_consistent(name):
+    build = _load_build()
+    wf = json.loads((REPO / "example_workflows" / name).read_text())
+    assert wf == json.loads(json.dumps(build.WORKFLOWS[name]())), "regenerate with example_workflows/build.py"
+    ids = {n["id"] for n in wf["nodes"]}
+    for lid, src, sslot, dst, dslot, typ in wf["links"]:
+        assert src in ids and dst in ids
+        s = next(n for n in wf["nodes"] if n["id"] == src)
+        d = next(n for n in wf["nodes"] if n["id"] == dst)
+        assert s["outputs"][sslot]["type"] == typ == d["inputs"][dslot]["type"]
+        assert lid in s["outputs"][sslot]["links"] and d["inputs"][dslot]["link"] == lid
+    for n in wf["nodes"]:
+        if n["type"] in NODE_CLASS_MAPPINGS:
+            cls = NODE_CLASS_MAPPINGS[n["type"]]
+            assert len(n["widgets_values"]) == len(_widget_names(cls)), n["type"]
+            req = {k for k, s in cls.INPUT_TYPES()["required"].items() if not (isinstance(s[0], list) or s[0] in WIDGET_TYPES)}
+            linked = {i["name"] for i in n["inputs"] if i["link"] is not None}
+            assert req <= linked, (n["type"], req - linked)
+        else:
+            assert n["type"] in build.BUILTIN
