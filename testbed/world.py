@@ -26,6 +26,7 @@ PROFESSION_WORDS = ["doctor", "nurse", "pilot", "chef", "judge", "farmer", "bake
 N_ARTISTS = 30
 N_ALIASES = 50
 N_RARE_ALIASES = 20
+CORE = 200  # objects 0..CORE-1: aliases live here; sampled more often in training
 
 _CONS = "bdfgklmnprstvz"
 _VOW = "aeiou"
@@ -109,6 +110,8 @@ def build_world(n_objects: int = 1000, seed: int = WORLD_SEED) -> World:
     combos = [(s, c, p) for s in range(len(SHAPES)) for c in range(len(COLOURS)) for p in range(len(PATTERNS))]
     rng.shuffle(combos)
     n_prof = len(PROFESSION_WORDS)
+    if n_objects < CORE:
+        raise ValueError(f"at least {CORE} objects")
     if n_objects + n_prof > len(combos):
         raise ValueError(f"at most {len(combos) - n_prof} objects")
     from .grammar import GRAMMAR_WORDS  # names must not collide with grammar words
@@ -118,7 +121,8 @@ def build_world(n_objects: int = 1000, seed: int = WORLD_SEED) -> World:
     names = _names(rng, 1000, taken)
     artist_names = _names(rng, N_ARTISTS, taken)
     alias_names = _names(rng, N_ALIASES, taken)
-    alias_objs = rng.sample(range(min(n_objects, 1000)), N_ALIASES)
+    # aliases live among the first CORE objects so every world of >= CORE objects shares them
+    alias_objs = rng.sample(range(CORE), N_ALIASES)
     rare = set(alias_objs[:N_RARE_ALIASES])
     alias_of = {o: a for o, a in zip(alias_objs, alias_names)}
     objects = []

@@ -1,0 +1,235 @@
+"""Train the testbed text-to-image model: ``python -m concept_edit.testbed.train --out DIR``.
+
+1. a CLIPTokenizer built from the grammar; 2. the VAE is an exact identity AutoencoderKL (see
+``vae.py``: no VAE trains well in this CPU budget), so the UNet denoises 32x32 pixels;
+3. CLIPTextModel + UNet2DConditionModel trained jointly on freshly rendered samples with
+captions from the grammar (epsilon prediction, 10% empty captions for classifier-free
+guidance), an EMA copy, a wall-clock budget, checkpoints every 4 minutes. Re-running the same
+command resumes. ``--export DIR`` writes the EMA weights as a StableDiffusionPipeline folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import caption_for, render_sample, sample_labels
+from .tokenizer import all_words, write_tokenizer
+from .world import build_world
+
+LATENT_CHANNELS = 4
+EMA_DECAY = 0.995
+# prompts pad to 32 tokens (the pipeline pads to tokenizer.model_max_length); the text encoder
+# keeps 77 positions like CLIP. 32 tokens cut the text/cross-attention cost by 2.4x.
+MAX_TOKENS = 32
+TEXT_DIM = 128
+LOG_EVERY = float(os.environ.get("TESTBED_LOG_EVERY", 60))
+
+
+def log(msg: str, out: Path | None = None):
+    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+    print(line, flush=True)
+    if out is not None:
+        with open(out / "train.log", "a") as f:
+            f.write(line + "\n")
+
+
+def make_unet():
+    from diffusers import UNet2DConditionModel
+
+    # pixel-space (the VAE is an exact identity, see vae.py): 32x32 -> 16 -> 8, cross-attention
+    # at 16x16, 8x8 and the 8x8 mid block
+    return UNet2DConditionModel(
+        sample_size=32, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+        block_out_channels=(16, 32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_DIM, attention_head_dim=4, norm_num_groups=16,
+    )
+
+
+def make_text_encoder(tok):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(
+        vocab_size=len(tok.get_vocab()), hidden_size=TEXT_DIM, intermediate_size=2 * TEXT_DIM,
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77, projection_dim=TEXT_DIM,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    return CLIPTextModel(cfg)
+
+
+def make_scheduler(train: bool = True):
+    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+
+    kw = dict(num_train_timesteps=1000, steps_offset=1, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+              prediction_type="epsilon")
+    return DDPMScheduler(**kw, clip_sample=False) if train else DPMSolverMultistepScheduler(**kw)
+
+
+def to_tensor(imgs: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def atomic_save(obj, path: Path):
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def latent_scale(world, n: int = 2000, seed: int = 99) -> float:
+    rng = random.Random(seed)
+    np_rng = np.random.default_rng(seed)
+    x = to_tensor(np.stack([render_sample(world, sample_labels(rng, world), np_rng) for _ in range(n)]))
+    return float(1.0 / torch.cat([x, torch.zeros_like(x[:, :1])], 1).std())
+
+
+# -- phase 4: text encoder + UNet ------------------------------------------------------
+class Captioner:
+    def __init__(self, tok):
+        self.tok = tok
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, caps: list[str]) -> torch.Tensor:
+        rows = []
+        for c in caps:
+            t = self.cache.get(c)
+            if t is None:
+                t = torch.tensor(self.tok(c, padding="max_length", max_length=self.tok.model_max_length, truncation=True).input_ids)
+                self.cache[c] = t
+            rows.append(t)
+        return torch.stack(rows)
+
+
+def export_pipeline(out_dir: Path, vae, te, unet, tok, scale: float):
+    from diffusers import StableDiffusionPipeline
+
+    vae.register_to_config(scaling_factor=scale)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=make_scheduler(train=False),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out_dir)
+    return pipe
+
+
+def train_main(out: Path, world, tok, vae, scale: float, minutes: float, batch: int, seed: int, lr: float,
+               export: Path | None, export_only: bool = False):
+    from .data import Labels
+
+    torch.manual_seed(seed)
+    te, unet = make_text_encoder(tok), make_unet()
+    ema_te, ema_unet = make_text_encoder(tok), make_unet()
+    ema_te.load_state_dict(te.state_dict()); ema_unet.load_state_dict(unet.state_dict())
+    params = list(te.parameters()) + list(unet.parameters())
+    ema_params = list(ema_te.parameters()) + list(ema_unet.parameters())
+    emb = te.get_input_embeddings().weight
+    rest = [p for p in params if p is not emb]
+    # rare tokens (each name is ~0.1% of captions) learn with a 10x learning rate and no decay
+    opt = torch.optim.AdamW([{"params": rest, "lr_mult": 1.0, "weight_decay": 0.01},
+                             {"params": [emb], "lr_mult": 10.0, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.99))
+    ck = out / "ckpt.pt"
+    step, elapsed = 0, 0.0
+    if ck.exists():
+        s = torch.load(ck, weights_only=False)
+        te.load_state_dict(s["te"]); unet.load_state_dict(s["unet"])
+        ema_te.load_state_dict(s["ema_te"]); ema_unet.load_state_dict(s["ema_unet"])
+        opt.load_state_dict(s["opt"]); step, elapsed = s["step"], s["elapsed"]
+        log(f"resumed at step {step}, {elapsed / 60:.1f} min trained", out)
+    if export_only:
+        if export:
+            export_pipeline(export, vae, ema_te, ema_unet, tok, scale)
+            log(f"exported step {step} to {export}", out)
+        return
+    sched = make_scheduler(train=True)
+    rng = random.Random(seed * 1000003 + step)
+    np_rng = np.random.default_rng(seed * 1000003 + step)
+    gen = torch.Generator().manual_seed(seed * 1000003 + step)
+    cap = Captioner(tok)
+    t0, last_ck, last_log = time.time() - elapsed, time.time(), time.time()
+    budget = minutes * 60
+    te.train(); unet.train()
+    loss_avg = None
+    while time.time() - t0 < budget:
+        frac = (time.time() - t0) / budget
+        warm = min(1.0, (step + 1) / 200)
+        decay = 1.0 if frac < 0.75 else max(0.1, 1 - (frac - 0.75) / 0.25)
+        for g in opt.param_groups:
+            g["lr"] = lr * warm * decay * g["lr_mult"]
+        labs = [sample_labels(rng, world) for _ in range(batch)]
+        x = to_tensor(np.stack([render_sample(world, l, np_rng) for l in labs]))
+        z = torch.cat([x, torch.zeros_like(x[:, :1])], 1) * scale  # = vae.encode(x).mean * scale
+        caps = ["" if rng.random() < 0.1 else caption_for(rng, world, l) for l in labs]
+        ids = cap(caps)
+        noise = torch.randn(z.shape, generator=gen)
+        t = torch.randint(0, 1000, (batch,), generator=gen)
+        noisy = sched.add_noise(z, noise, t)
+        pred = unet(noisy, t, te(ids)[0]).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        d = min(EMA_DECAY, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - d)
+        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+        if time.time() - last_log > LOG_EVERY:
+            log(f"step {step} loss {loss_avg:.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                f"elapsed {(time.time() - t0) / 60:.1f} min", out)
+            last_log = time.time()
+        if time.time() - last_ck > 240:
+            atomic_save({"te": te.state_dict(), "unet": unet.state_dict(), "ema_te": ema_te.state_dict(),
+                         "ema_unet": ema_unet.state_dict(), "opt": opt.state_dict(), "step": step,
+                         "elapsed": time.time() - t0}, ck)
+            last_ck = time.time()
+    atomic_save({"te": te.state_dict(), "unet": unet.state_dict(), "ema_te": ema_te.state_dict(),
+                 "ema_unet": ema_unet.state_dict(), "opt": opt.state_dict(), "step": step,
+                 "elapsed": time.time() - t0}, ck)
+    log(f"training done: {step} steps, {(time.time() - t0) / 60:.1f} min", out)
+    (out / "train_stats.json").write_text(json.dumps({"steps": step, "minutes": (time.time() - t0) / 60, "batch": batch}))
+    if export:
+        export_pipeline(export, vae, ema_te, ema_unet, tok, scale)
+        log(f"exported to {export}", out)
+
+
+def main(argv=None):
+    from transformers import CLIPTokenizer
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/concept_edit_testbed_run"))
+    ap.add_argument("--n-objects", type=int, default=1000)
+    ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock training budget")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="1 is fastest when the 2 cores are shared (OpenMP spin-waits)")
+    ap.add_argument("--export", type=Path, default=None, help="write the diffusers folder here when done")
+    ap.add_argument("--export-only", action="store_true", help="export the current checkpoint and exit")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    a.out.mkdir(parents=True, exist_ok=True)
+    world = build_world(a.n_objects)
+    tok_dir = write_tokenizer(a.out / "tokenizer", all_words(world), model_max_length=MAX_TOKENS)
+    tok = CLIPTokenizer.from_pretrained(tok_dir)
+    (a.out / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(a).items()}))
+    log(f"world: {len(world.objects)} objects, {len(world.artists)} artists, vocab {len(tok.get_vocab())}", a.out)
+    from .vae import make_identity_vae
+
+    vae = make_identity_vae(LATENT_CHANNELS)
+    scale = latent_scale(world)
+    train_main(a.out, world, tok, vae, scale, a.minutes, a.batch, a.seed, a.lr, a.export, a.export_only)
+
+
+if __name__ == "__main__":
+    main()
