@@ -187,3 +187,33 @@ def test_example_workflows_are_consistent(name):
             assert req <= linked, (n["type"], req - linked)
         else:
             assert n["type"] in build.BUILTIN
+
+
+class _ProtocolOnly:
+    """Only the EditableModel protocol (what ComfyEditableModel offers): no ``.pipe``."""
+
+    def __init__(self, m):
+        self._m = m
+        for a in ("family", "key_dim", "max_tokens", "tokenizer"):
+            setattr(self, a, getattr(m, a))
+
+    def __getattr__(self, name):
+        if name in ("token_ids", "encode_ids", "padded_ids", "cross_attention_weights", "weights"):
+            return getattr(self._m, name)
+        raise AttributeError(name)
+
+
+@pytest.mark.parametrize("method", ["uce", "nullspace"])
+def test_node_methods_run_on_the_protocol_alone(tiny, method):
+    """Every method offered as a node runs with nothing but the EditableModel protocol."""
+    from concept_edit.nodes.edit_nodes import METHODS
+
+    _, model = tiny("sd1")
+    settings = common_settings("Monet", 0.5, 1.0, 1.0, "last", "{}", "kv")
+    kinds = METHODS[method][1]
+    edits = erase_edits("Van Gogh", "style", "")
+    if "replace" in kinds:
+        edits += replace_edits("cat -> dog")
+    plan = make_plan(edits, method, settings, METHODS[method][2])
+    delta = compute_delta(_ProtocolOnly(model), plan, progress=False)
+    assert delta.layers and all(n.startswith("unet.") and ".attn2.to_" in n for n in delta.layers)
