@@ -123,8 +123,6 @@ def export_single_file(source: str | Path | None, pipe, model, delta: ConceptDel
 
 def _bake_single_file(source: Path, layout_source, delta: ConceptDelta, out_path: Path, *, scale: float,
                       overwrite: bool) -> Path:
-    from safetensors import safe_open
-
     header, data_start = L.read_safetensors_header(source)
     meta = dict(header.pop("__metadata__", None) or {})
     family = L.detect_family(L.pipeline_configs(layout_source) if L._is_pipeline(layout_source) else layout_source, header)
@@ -147,14 +145,14 @@ def _bake_single_file(source: Path, layout_source, delta: ConceptDelta, out_path
     specs = [(k, header[k]["dtype"], header[k]["shape"]) for k in order]
     meta["concept_edit"] = "baked:" + str(delta.metadata.get("base_fingerprint"))
 
-    with safe_open(str(source), framework="pt") as st, open(source, "rb") as raw:
+    with L.SafetensorsReader(source) as st, open(source, "rb") as raw:
         def emit(key, f):
             if key not in bake:
                 a, b = header[key]["data_offsets"]
                 L.copy_range(raw, f, data_start + a, b - a)
                 return
             e = entry_of[key]
-            t = st.get_tensor(key)
+            t = st.get(key)
             parts = e.split(t)
             for i, name in bake[key]:
                 w = parts[i]

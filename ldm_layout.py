@@ -570,3 +570,45 @@ def copy_range(src, dst, start: int, n: int) -> None:
             raise LayoutError("source file ended early")
         dst.write(view[:got])
         n -= got
+
+
+_TORCH_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
+
+
+class SafetensorsReader:
+    """Read single tensors of a .safetensors file with plain reads (no mmap), so the process'
+    resident memory holds only the tensors kept, never pages of the rest of the file."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        header, self.data_start = read_safetensors_header(self.path)
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.header = header
+        self._f = open(self.path, "rb")
+
+    def keys(self):
+        return self.header.keys()
+
+    def __contains__(self, key):
+        return key in self.header
+
+    def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A fresh (aligned, writable) tensor; cast to ``dtype`` if given."""
+        info = self.header[key]
+        a, b = info["data_offsets"]
+        src_dtype = _TORCH_DTYPES[info["dtype"]]
+        buf = torch.empty(b - a, dtype=torch.uint8)
+        self._f.seek(self.data_start + a)
+        if b > a and self._f.readinto(buf.numpy()) != b - a:
+            raise LayoutError(f"{self.path.name}: tensor {key} is truncated")
+        t = buf.view(src_dtype).reshape(info["shape"])
+        return t if dtype is None or dtype == src_dtype else t.to(dtype)
+
+    def close(self):
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

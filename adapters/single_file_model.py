@@ -1,8 +1,8 @@
 """Lazy EditableModel over an original-layout single-file checkpoint (SD 1.x, SD 2.x, SDXL).
 
 Only the text encoder(s) and tokenizer(s) are built; the UNet's cross-attention ``to_k``/``to_v``
-(or any other mapped weight) is read from the file with ``safetensors.safe_open`` when an engine
-asks for it. The UNet and VAE are never loaded, so editing an SDXL checkpoint costs about the
+(or any other mapped weight) is read from the file, with plain reads rather than a memory map,
+when an engine asks for it. The UNet and VAE are never loaded, so editing an SDXL checkpoint costs about the
 text encoders' memory plus the weights being edited.
 
 Layer names, prompts, encodings and deltas are exactly those of
@@ -106,8 +106,6 @@ class SingleFileModel(DiffusersModel):
         return CLIPTokenizer.from_pretrained(str(d), local_files_only=True)
 
     def _load_text_encoder(self, comp: str) -> torch.nn.Module:
-        from safetensors import safe_open
-
         module = L.meta_component(comp, self.configs[comp], self.configs["_classes"].get(comp))
         keys = L.component_keys(comp, module)
         entries = L.layout_entries({comp: keys}, self.configs, self.layout_family)
@@ -115,13 +113,20 @@ class SingleFileModel(DiffusersModel):
         if missing:
             raise ModelLoadError(f"{self.path.name} lacks {len(missing)} {comp} tensor(s) of the config's architecture, e.g. {missing[0]}")
         sd = {}
-        with safe_open(str(self.path), framework="pt") as f:
+        # Plain reads into fresh tensors: nothing of the file stays mapped, and fresh tensors are
+        # 64-byte aligned like DiffusersModel's (BLAS results can depend on alignment), which
+        # keeps encodings bit-identical.
+        with L.SafetensorsReader(self.path) as f:
             for e in entries:
-                for part, t in zip(e.parts, e.split(f.get_tensor(e.key))):
+                t = f.get(e.key)
+                for part, x in zip(e.parts, e.split(t)):
                     sub = part.split(".", 1)[1]
-                    # a fresh (64-byte aligned) copy: BLAS results can depend on alignment, and
-                    # DiffusersModel's weights are aligned, so this keeps encodings bit-identical
-                    sd[L.module_key(module, sub)] = t.to(self.dtype if t.is_floating_point() else t.dtype, copy=True)
+                    if x.is_floating_point() and x.dtype != self.dtype:
+                        x = x.to(self.dtype)
+                    elif x is not t and x.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+                        x = x.clone()  # a slice of a fused tensor: give it its own storage
+                    sd[L.module_key(module, sub)] = x
+                del t
         module.load_state_dict(sd, strict=True, assign=True)
         return module.eval().requires_grad_(False)
 
@@ -139,8 +144,6 @@ class SingleFileModel(DiffusersModel):
     def weights(self, names) -> dict[str, torch.nn.Parameter]:
         """Canonical layer name -> weight Parameter. UNet weights are read from the file on
         first use (cast to ``dtype``) and cached, so deltas applied to them persist."""
-        from safetensors import safe_open
-
         out, todo = {}, []
         for name in names:
             comp, _, sub = name.partition(".")
@@ -158,11 +161,11 @@ class SingleFileModel(DiffusersModel):
             else:
                 raise KeyError(f"this {self.family} model does not have layer {name}")
         if todo:
-            with safe_open(str(self.path), framework="pt") as f:
+            with L.SafetensorsReader(self.path) as f:
                 for name, key in todo:
-                    if key not in self.file_keys:
+                    if key not in f:
                         raise KeyError(f"{self.path.name} has no tensor {key} (layer {name})")
-                    p = torch.nn.Parameter(f.get_tensor(key).to(self.dtype, copy=True), requires_grad=False)
+                    p = torch.nn.Parameter(f.get(key, self.dtype), requires_grad=False)
                     self._cache[name] = out[name] = p
         return {n: out[n] for n in names}
 
