@@ -1,0 +1,110 @@
+"""ComfyEditableModel and the delta -> patch conversion inside a real ComfyUI (in a subprocess with
+ComfyUI's Python). Skipped unless COMFYUI_PATH is set; uses the e2e test's cached SD 1.5-shaped
+random checkpoint.
+
+Checks: the text states equal ComfyUI's own encoding; canonical layer names; an edit node never
+mutates its inputs and its clone's effective weights are exactly W0 + delta; ``base`` patched vs
+original with a LoRA on the MODEL; a delta applied through ComfyUI's LoraLoader equals the node's.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("ce_comfyui_e2e_helpers", HERE / "test_comfyui_e2e.py")
+e2e = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(e2e)
+
+pytestmark = pytest.mark.skipif(e2e.comfy_path() is None, reason="COMFYUI_PATH (a ComfyUI checkout) is not set")
+
+SCRIPT = r'''
+import importlib, os, sys, tempfile, torch
+sys.path.insert(0, os.environ["COMFYUI_PATH"])
+from comfy.cli_args import args
+args.cpu = True
+import comfy.sd, comfy.utils, comfy.lora
+import importlib.util
+ce_root = os.environ["CE_REPO"]
+spec = importlib.util.spec_from_file_location("ConceptEdit", os.path.join(ce_root, "__init__.py"),
+                                              submodule_search_locations=[ce_root])
+ce = importlib.util.module_from_spec(spec)      # imported under a folder name, as ComfyUI does
+sys.modules["ConceptEdit"] = ce
+spec.loader.exec_module(ce)
+from importlib import import_module
+pkg = ce.__name__
+ComfyEditableModel = import_module(pkg + ".adapters.comfy_model").ComfyEditableModel
+apply_to_comfy = import_module(pkg + ".comfy_patches").apply_to_comfy
+save_lora = import_module(pkg + ".formats").save_lora
+
+model, clip, vae = comfy.sd.load_checkpoint_guess_config(sys.argv[1], output_vae=False, output_clip=True)[:3]
+em = ComfyEditableModel(model, clip)
+assert em.family == "sd1" and em.key_dim == 768 and em.max_tokens == 77
+
+# 1. text states = what ComfyUI feeds the UNet
+text = "a painting by van gogh"
+ref = clip.encode_from_tokens(clip.tokenize(text))[0].float()
+full, prefix = em.encode_ids([em.padded_ids(text), em.padded_ids(text)[:6]])
+assert full.shape == (77, 768) and torch.allclose(full, ref, atol=1e-4), (full - ref).abs().max()
+assert torch.allclose(prefix, ref[:6], atol=1e-4)
+
+# 2. canonical names
+names = list(em.cross_attention_weights())
+assert len(names) == 32 and "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k" in names, names[:3]
+assert "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_v" in names
+
+# 3. the edit node: inputs untouched, clone = W0 + delta
+node = ce.NODE_CLASS_MAPPINGS["ConceptEditUCEErase"]()
+patches_before = {k: list(v) for k, v in model.patches.items()}
+clip_patches_before = dict(clip.patcher.patches)
+out = node.edit(model, clip, concepts="Van Gogh", concept_type="style", guide="", preserve="Monet")
+m2, c2, delta = out["result"]
+assert model.patches == patches_before and clip.patcher.patches == clip_patches_before
+assert m2 is not model and c2 is clip and len(m2.patches) == 32
+s = out["ui"]["concept_edit"][0]
+assert s["layers"] == 32 and s["residual_error"]["max"] < 0.1, s
+W0 = em.weights(names)
+W1 = ComfyEditableModel(m2, clip).weights(names)
+for n in names:
+    assert torch.allclose(W1[n] - W0[n], delta.layers[n].dense(), atol=1e-5), n
+
+# 4. base: a LoRA on the MODEL changes W0 for "patched" but not for "original"
+lora_sd = {}
+for n in names[:4]:
+    key = "lora_unet_" + n[len("unet."):].replace(".", "_")
+    out_f, in_f = W0[n].shape
+    lora_sd[key + ".lora_up.weight"] = torch.randn(out_f, 2) * 0.1
+    lora_sd[key + ".lora_down.weight"] = torch.randn(2, in_f) * 0.1
+ml, cl = comfy.sd.load_lora_for_models(model, clip, lora_sd, 1.0, 1.0)
+Wp = ComfyEditableModel(ml, cl, base="patched").weights(names[:4])
+Wo = ComfyEditableModel(ml, cl, base="original").weights(names[:4])
+for n in names[:4]:
+    assert torch.equal(Wo[n], W0[n]) and not torch.allclose(Wp[n], W0[n])
+
+# 5. the saved LoRA through ComfyUI's own loader gives the same weights as the node's patches
+d = tempfile.mkdtemp()
+save_lora(delta, os.path.join(d, "x.safetensors"))
+sd = comfy.utils.load_torch_file(os.path.join(d, "x.safetensors"))
+key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+loaded = comfy.lora.load_lora(sd, key_map, log_missing=False)
+assert len(loaded) == 32
+m3, _ = comfy.sd.load_lora_for_models(model, clip, sd, 1.0, 0.0)
+W3 = ComfyEditableModel(m3, clip).weights(names)
+for n in names:
+    assert torch.allclose(W3[n], W1[n], atol=1e-6), n
+print("ADAPTER OK")
+'''
+
+
+def test_adapter_in_real_comfyui(tmp_path):
+    ck = e2e.ensure_checkpoint()
+    script = tmp_path / "adapter_check.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "COMFYUI_PATH": str(e2e.comfy_path()), "CE_REPO": str(e2e.REPO), "TQDM_DISABLE": "1"}
+    out = subprocess.run([e2e.comfy_python(), str(script), str(ck)], capture_output=True, text=True,
+                         cwd=str(tmp_path), env=env, timeout=1800)
+    assert out.returncode == 0 and "ADAPTER OK" in out.stdout, out.stdout[-3000:] + out.stderr[-6000:]
