@@ -148,6 +148,7 @@ class ComfyEditableModel(EditableModel):
         self._unet_names: dict[str, str] | None = None
         self._clip_names: dict[str, str] | None = None
         self._cache: dict[str, torch.Tensor] = {}
+        self._states: dict[tuple, torch.Tensor] = {}  # encodings of this CLIP, per id sequence
 
     # -- tokens ---------------------------------------------------------------
     def token_ids(self, text: str) -> list[int]:
@@ -182,8 +183,15 @@ class ComfyEditableModel(EditableModel):
         L = self.max_tokens
         eos = self.tokenizer.eos_token_id
         out: list[torch.Tensor | None] = [None] * len(id_lists)
-        for start in range(0, len(id_lists), self.batch_size):
-            chunk = list(range(start, min(start + self.batch_size, len(id_lists))))
+        todo = []
+        for i, ids in enumerate(id_lists):
+            hit = self._states.get(tuple(ids))
+            if hit is not None:
+                out[i] = hit
+            else:
+                todo.append(i)
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start : start + self.batch_size]
             tokens = {}
             for s in self._streams:
                 rows = []
@@ -197,6 +205,7 @@ class ComfyEditableModel(EditableModel):
             cond = cond.reshape(len(chunk), L, -1).float().cpu()
             for r, i in enumerate(chunk):
                 out[i] = cond[r, : len(id_lists[i])].clone()
+                self._states[tuple(id_lists[i])] = out[i]
         return out  # type: ignore[return-value]
 
     # -- layers ---------------------------------------------------------------
