@@ -90,11 +90,17 @@ def spread_edit(
     try:
         for comp, ls in layers.items():
             L = ls[-1]
-            z0 = subject_states(model, comp, src, out_layers=[L])[("out", L)].double()
+            # the states entering the first edited layer never change: run the layers below it once
+            st = subject_states(model, comp, src, out_layers=[L], capture_input=ls[0])
+            z0 = st[("out", L)].double()
+            resume = (ls[0], st[("in", ls[0])])
             z_star = z0 + offsets[comp].double()[owner]
             start = (z_star - z0).norm(dim=-1).mean().item()
             for i, l in enumerate(tqdm(ls, desc=f"{comp} layers", disable=not progress, leave=False)):
-                st = subject_states(model, comp, src, fc2_layers=[l], out_layers=[L])
+                # keys of layer l and z at L with layers l_0..l_{i-1} edited; the input of layer l is
+                # final from here on (only layers >= l change later), so the next pass resumes there
+                st = subject_states(model, comp, src, fc2_layers=[l], out_layers=[L], capture_input=l, start=resume)
+                resume = (l, st[("in", l)])
                 K = st[("fc2_in", l)].double()
                 R = spread_residual(z_star, st[("out", L)].double(), i, len(ls))
                 if key_mode == "mean":
@@ -107,7 +113,7 @@ def spread_edit(
                 report[name] = info
                 w = layer_weights(model, [name])
                 handles.append(apply_delta(ConceptDelta({name: ld}), w, check_fingerprint=False))
-            zf = subject_states(model, comp, src, out_layers=[L])[("out", L)].double()
+            zf = subject_states(model, comp, src, out_layers=[L], start=resume)[("out", L)].double()
             report[comp] = {
                 "residual_before": round(start, 6),
                 "residual_after": round((z_star - zf).norm(dim=-1).mean().item(), 6),

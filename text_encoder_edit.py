@@ -241,6 +241,19 @@ def run_encoder(
     return out, store
 
 
+def run_layers(model, comp: str, hidden: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Run layers ``start..stop`` (inclusive) of encoder ``comp`` on hidden states entering
+    layer ``start``, with the model's own causal mask; module hooks fire as in a full forward."""
+    from transformers.masking_utils import create_causal_mask
+
+    enc = encoder(model, comp)
+    tm = text_model(enc)
+    mask = create_causal_mask(config=tm.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None)
+    for layer in enc_layers(enc)[start : stop + 1]:
+        hidden = layer(hidden, mask, is_causal=True)
+    return hidden
+
+
 def subject_states(
     model,
     comp: str,
@@ -249,29 +262,65 @@ def subject_states(
     fc2_layers=(),
     out_layers=(),
     batch_size: int = 64,
+    capture_input: int | None = None,
+    start: tuple[int, list[torch.Tensor]] | None = None,
 ) -> dict:
     """fc2 inputs / layer outputs at each prompt's last subject token (no grad, float32, cpu).
 
     CLIP is causal, so only the prefix up to the subject token is encoded; prefixes are batched
     by length and right-padded with EOS (which cannot affect earlier positions).
+
+    ``capture_input=l`` also returns, under ("in", l), the hidden states entering layer l for
+    every prefix (a list of (len_i x hidden) tensors); ``start=(l, those states)`` resumes the
+    forward at layer l from them instead of running the layers below it again (valid while the
+    layers below l are unchanged). Layers above the last requested one are not run then.
     """
     seqs = [p.ids[: p.subject + 1] for p in prompts]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     eos = model.tokenizer.eos_token_id
+    enc = encoder(model, comp)
+    dev = enc.device
     res: dict = {}
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+    inputs: list = [None] * len(seqs)
+    stop = max([*fc2_layers, *out_layers, capture_input if capture_input is not None else 0])
+    for begin in range(0, len(order), batch_size):
+        chunk = order[begin : begin + batch_size]
         width = max(len(seqs[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), eos, dtype=torch.long)
-        for r, i in enumerate(chunk):
-            ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
-        pos = torch.tensor([len(seqs[i]) - 1 for i in chunk])
-        _, st = run_encoder(model, comp, ids, pos.to(encoder(model, comp).device), fc2_layers=fc2_layers, out_layers=out_layers)
-        for key, val in st.items():
+        pos = torch.tensor([len(seqs[i]) - 1 for i in chunk], device=dev)
+        store: dict = {}
+        handles = []
+        if capture_input is not None:
+            handles.append(
+                enc_layers(enc)[capture_input].register_forward_pre_hook(lambda m, inp: store.__setitem__("in", inp[0].detach()))
+            )
+        try:
+            with torch.no_grad(), _hooks(enc, fc2_layers=fc2_layers, out_layers=out_layers, positions=pos, store=store):
+                if start is None:
+                    ids = torch.full((len(chunk), width), eos, dtype=torch.long)
+                    for r, i in enumerate(chunk):
+                        ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
+                    enc(ids.to(dev))
+                else:
+                    l0, states = start
+                    h = torch.zeros(len(chunk), width, states[chunk[0]].shape[-1], dtype=states[chunk[0]].dtype)
+                    for r, i in enumerate(chunk):
+                        h[r, : len(seqs[i])] = states[i]
+                    run_layers(model, comp, h.to(dev), l0, stop)
+        finally:
+            for hd in handles:
+                hd.remove()
+        for key, val in store.items():
+            if key == "in":
+                for r, i in enumerate(chunk):
+                    inputs[i] = val[r, : len(seqs[i])].cpu()
+                continue
             buf = res.setdefault(key, [None] * len(seqs))
             for r, i in enumerate(chunk):
                 buf[i] = val[r].float().cpu()
-    return {k: torch.stack(v) for k, v in res.items()}
+    out = {k: torch.stack(v) for k, v in res.items()}
+    if capture_input is not None:
+        out[("in", capture_input)] = inputs
+    return out
 
 
 # -- what the UNet reads -----------------------------------------------------------------------

@@ -199,3 +199,17 @@ def test_stage_ii_matches_public_emcid_parametrisation():
     theirs = rs @ adj.mT
     ours = emcid_solve_layer(K1, R, w * cov, alpha=a).dense()
     torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_resumed_forward_equals_full_forward(tiny, family):
+    from concept_edit.keys import expand
+    from concept_edit.text_encoder_edit import subject_states, tokenize_prompts
+
+    _, model = tiny(family)
+    pr = tokenize_prompts(model, expand("cat", ["a photo of a {}", "{}", "a big red {} on a table"]))
+    for comp in ("text_encoder", "text_encoder_2") if family == "sdxl" else ("text_encoder",):
+        full = subject_states(model, comp, pr, fc2_layers=[1], out_layers=[1, 2], capture_input=1, batch_size=2)
+        res = subject_states(model, comp, pr, fc2_layers=[1], out_layers=[1, 2], start=(1, full[("in", 1)]), batch_size=2)
+        for k in [("fc2_in", 1), ("out", 1), ("out", 2)]:
+            torch.testing.assert_close(res[k], full[k], rtol=1e-5, atol=1e-5)
