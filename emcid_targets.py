@@ -331,7 +331,8 @@ def compute_targets(
                     f.unlink(missing_ok=True)
     n_cached = len(out)
     todo = [i for i in range(len(requests)) if i not in out]
-    chunks = [todo[s : s + cfg.batch_concepts] for s in range(0, len(todo), cfg.batch_concepts)]
+    per = len(todo) if cfg.mode == "dest_hidden" else cfg.batch_concepts  # no optimisation: one batched pass
+    chunks = [todo[s : s + per] for s in range(0, len(todo), max(1, per))]
     steps = 0
     losses = []
 
