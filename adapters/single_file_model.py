@@ -22,12 +22,34 @@ from .base import CROSS_ATTN_SUFFIXES
 from .diffusers_model import PICKLE_SUFFIXES, DiffusersModel, ModelLoadError
 
 
+_NEEDS_FULL = ("SingleFileModel loads only the text encoders (and reads edited weights lazily); "
+               "{what} needs the full pipeline: load_pipeline(path, config=...) and DiffusersModel")
+
+
 class TextOnlyPipeline(SimpleNamespace):
     """What a SingleFileModel has of a pipeline: text encoders, tokenizers and the UNet config.
 
-    ``unet`` holds only ``config``; code that runs the UNet needs a full pipeline
-    (:func:`~concept_edit.adapters.diffusers_model.load_pipeline`).
+    ``unet`` holds only ``config``; code that runs the UNet, VAE or scheduler needs a full
+    pipeline (:func:`~concept_edit.adapters.diffusers_model.load_pipeline`) and gets an
+    AttributeError saying so.
     """
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise AttributeError(_NEEDS_FULL.format(what=f"pipe.{name}"))
+
+    def __call__(self, *a, **k):
+        raise RuntimeError(_NEEDS_FULL.format(what="generating images"))
+
+
+class ConfigOnlyUNet(SimpleNamespace):
+    """The UNet's config, nothing else (its weights stay in the file)."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise AttributeError(_NEEDS_FULL.format(what=f"unet.{name}"))
 
 
 class LazyWeights(Mapping):
@@ -89,7 +111,7 @@ class SingleFileModel(DiffusersModel):
             text_encoder_2=encoders.get("text_encoder_2"),
             tokenizer=self._load_tokenizer("tokenizer"),
             tokenizer_2=self._load_tokenizer("tokenizer_2") if "text_encoder_2" in encoders else None,
-            unet=SimpleNamespace(config=unet_meta.config),
+            unet=ConfigOnlyUNet(config=unet_meta.config),
             source=path,
         )
         del unet_meta

@@ -137,6 +137,8 @@ def test_single_file_model_matches_full_pipeline(single, full_delta, family):
     assert lazy.metadata["base_fingerprint"] == full.metadata["base_fingerprint"]
     # nothing of the UNet beyond the cross-attention weights was read
     assert not hasattr(lazy_model.pipe.unet, "parameters") and getattr(lazy_model.pipe, "vae", None) is None
+    with pytest.raises(AttributeError, match="needs the full pipeline"):
+        lazy_model.pipe.unet.named_parameters()
     assert set(lazy_model._cache) == set(full.layers)
     assert set(lazy_model.all_weights()) == set(DiffusersModel(pipe).all_weights())
 
