@@ -106,12 +106,12 @@ def sampler_chain(g, model_src, clip_src, vae_src, prompt, x, y, prefix, *, batc
 def erase_and_save():
     g = Graph()
     ck = g.add("CheckpointLoaderSimple", [CKPT], (0, 0), (320, 100))
-    ed = g.add("ConceptEditUCEErase", ERASE, (360, 0), (380, 560))
+    ed = g.add("ConceptEditUCEErase", ERASE, (360, 0), (380, 720))
     sv = g.add("ConceptEditSaveDelta", ["concept_edit/erase_van_gogh", 0, "lora"], (780, 0), (320, 130))
     g.link(ck, 0, ed, "model")
     g.link(ck, 1, ed, "clip")
     g.link(ed, 2, sv, "delta")
-    sampler_chain(g, (ed, 0), (ed, 1), (ck, 2), PROMPT, 0, 620, "concept_edit/erased")
+    sampler_chain(g, (ed, 0), (ed, 1), (ck, 2), PROMPT, 0, 800, "concept_edit/erased")
     return g.to_json("Erase an artist's style (UCE) and save the edit as a LoRA in models/loras/concept_edit/; "
                      "the edited model also samples the artist's prompt.")
 
@@ -130,7 +130,7 @@ def load_and_sample():
 def attention_before_after():
     g = Graph()
     ck = g.add("CheckpointLoaderSimple", [CKPT], (0, 0), (320, 100))
-    ed = g.add("ConceptEditUCEErase", ERASE, (0, 150), (380, 560))
+    ed = g.add("ConceptEditUCEErase", ERASE, (0, 150), (380, 720))
     g.link(ck, 0, ed, "model")
     g.link(ck, 1, ed, "clip")
     rows = []
@@ -155,10 +155,10 @@ def debias():
     g = Graph()
     ck = g.add("CheckpointLoaderSimple", [CKPT], (0, 0), (320, 100))
     db = g.add("ConceptEditUCEDebias", ["doctor", "male, female", "0.5, 0.5", "", "", 0.5, 1.0, 1.0, 1.0, "last", "{}\na photo of a {}", "kv", "patched"],
-               (360, 0), (380, 560))
+               (360, 0), (380, 720))
     g.link(ck, 0, db, "model")
     g.link(ck, 1, db, "clip")
-    sampler_chain(g, (db, 0), (db, 1), (ck, 2), "a photo of a doctor", 0, 620, "concept_edit/debias_doctor", batch=4)
+    sampler_chain(g, (db, 0), (db, 1), (ck, 2), "a photo of a doctor", 0, 800, "concept_edit/debias_doctor", batch=4)
     return g.to_json("Debias 'doctor' towards equal male/female proportions (UCE debias; alphas start from the ratios — "
                      "fit calibrated alphas with concept_edit.debias.fit_debias and paste them in).")
 

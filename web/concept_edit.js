@@ -56,7 +56,7 @@ function panelWidget(node, name, cls) {
     borderRadius: "4px", padding: "4px 6px", overflow: "auto", whiteSpace: "normal", boxSizing: "border-box",
   } });
   w = node.addDOMWidget(name, "concept_edit_panel", div, { serialize: false, hideOnZoom: false,
-    getMinHeight: () => 60, getMaxHeight: () => 220 });
+    getMinHeight: () => Math.min(240, 14 + 16 * (w.ceRows || 2)), getMaxHeight: () => 240 });
   w.serialize = false;
   return w;
 }
@@ -74,6 +74,15 @@ function showSummary(node, summary) {
   }
   div.appendChild(table);
   div.dataset.layers = String(summary.layers ?? "");
+  div.dataset.nodeType = node.type;
+  w.ceRows = table.rows.length;
+  fitNode(node);
+}
+
+function fitNode(node) {
+  // grow the node so the panel shows every row (never shrink what the user sized)
+  const want = node.computeSize?.();
+  if (want) node.setSize([Math.max(node.size[0], want[0]), Math.max(node.size[1], want[1])]);
   node.setDirtyCanvas?.(true, true);
 }
 
@@ -122,6 +131,8 @@ function renderPicker(node, words) {
     chip.addEventListener("click", () => { toggleWord(node, word); renderPicker(node, words); });
     div.appendChild(chip);
   }
+  w.ceRows = Math.max(2, Math.ceil(words.length / 6) + 1);
+  fitNode(node);
 }
 
 async function fetchWords(text) {

@@ -74,12 +74,12 @@ try {
   await page.evaluate(async (wf) => { await window.app.loadGraphData(wf); }, edit);
   await page.evaluate(async () => { await window.app.queuePrompt(0, 1); });
   await page.waitForFunction(() => {
-    const el = document.querySelector(".concept-edit-summary td[data-key='layers']");
+    const el = document.querySelector(".concept-edit-summary[data-node-type$='Erase'] td[data-key='layers']");
     return el && el.textContent.trim().length > 0;
   }, null, { timeout: TIMEOUT, polling: 1000 });
   const summary = await page.evaluate(() => {
     const rows = {};
-    for (const td of document.querySelectorAll(".concept-edit-summary td[data-key]")) rows[td.dataset.key] = td.textContent;
+    for (const td of document.querySelectorAll(".concept-edit-summary[data-node-type$='Erase'] td[data-key]")) rows[td.dataset.key] = td.textContent;
     return rows;
   });
   result.steps.push({ summary });
@@ -91,7 +91,16 @@ try {
     ds.offset = [-n.pos[0] + 420, -n.pos[1] + 60];
     window.app.canvas.setDirty(true, true);
   });
+  // close first-run dialogs (template browser etc.) so the canvas is visible
+  for (let i = 0; i < 3; i++) {
+    await page.keyboard.press("Escape");
+    await page.waitForTimeout(300);
+  }
+  await page.evaluate(() => {
+    for (const b of document.querySelectorAll(".p-dialog-header-close, .p-dialog-close-button, [aria-label='Close']")) b.click();
+  });
   await page.waitForTimeout(1000);
+  result.dialogsOpen = await page.evaluate(() => document.querySelectorAll(".p-dialog-mask").length);
   await page.screenshot({ path: shot });
   result.screenshot = shot;
   result.ok = result.extensionErrors.length === 0 && !!summary.layers && !!summary.concepts;

@@ -50,7 +50,11 @@ def _cpu_sized_ui(name: str) -> dict:
 
 
 def test_web_extension_in_chromium(tmp_path_factory):
-    srv = e2e.start_server(tmp_path_factory.mktemp("comfyui_browser"))
+    base = tmp_path_factory.mktemp("comfyui_browser")
+    settings = base / "user" / "default" / "comfy.settings.json"
+    settings.parent.mkdir(parents=True, exist_ok=True)
+    settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))  # no first-run template dialog
+    srv = e2e.start_server(base)
     try:
         work = tmp_path_factory.mktemp("wf")
         edit = work / "edit.json"
@@ -64,6 +68,7 @@ def test_web_extension_in_chromium(tmp_path_factory):
         lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
         assert lines, out.stdout + out.stderr + srv.tail()
         res = json.loads(lines[-1])
+        print(json.dumps(res, indent=1))
         assert not res["extensionErrors"], res["extensionErrors"]
         assert res["ok"], json.dumps(res, indent=1) + "\n" + srv.tail()
         summary = res["steps"][-1]["summary"]
