@@ -21,12 +21,18 @@ from .common import (
     residual_errors,
 )
 
-# method -> (display name, kinds it supports, fixed plan options). UCE and the null-space
-# engine's cross-attention site both run on any EditableModel, so both work in ComfyUI.
-# The text-encoder methods (EMCID, null-space text-encoder site) still need a diffusers pipeline.
+# node key -> (display name, engine (plan.method), kinds, fixed plan options, site).
+# UCE and the null-space cross-attention site run on any EditableModel (the ComfyUI adapter);
+# the text-encoder methods run on a CLIPTextModel rebuilt from the CLIP's effective weights
+# (SD 1.x; see adapters/comfy_model.text_encoder_model), with destination-state targets
+# ("dest_hidden": no image generation inside a graph).
 METHODS = {
-    "uce": ("UCE", ("erase", "replace", "moderate", "debias"), {}),
-    "nullspace": ("Null-space", ("erase", "replace", "moderate"), {"site": "cross_attention", "projector": "preserve"}),
+    "uce": ("UCE", "uce", ("erase", "replace", "moderate", "debias"), {}, "unet"),
+    "nullspace": ("Null-space", "nullspace", ("erase", "replace", "moderate"),
+                  {"site": "cross_attention", "projector": "preserve"}, "unet"),
+    "emcid": ("EMCID", "emcid", ("erase", "replace", "moderate"), {"targets": "dest_hidden"}, "text_encoder"),
+    "nullspace_te": ("Null-space TE", "nullspace", ("erase", "replace", "moderate"),
+                     {"site": "text_encoder", "targets": "dest_hidden", "projector": "preserve"}, "text_encoder"),
 }
 
 
@@ -80,16 +86,21 @@ class _EditNode:
              token="last", templates="{}", layers="kv", base="patched", **kind_kw):
         edits = self.build_edits(**kind_kw)
         settings = common_settings(preserve, lambda_, erase_scale, preserve_scale, token, templates, layers)
-        plan = make_plan(edits, self.METHOD, settings, METHODS[self.METHOD][2])
-        return run_edit(model, clip, plan, strength=strength, base=base)
+        _, engine, _, options, site = METHODS[self.METHOD]
+        plan = make_plan(edits, engine, settings, options)
+        return run_edit(model, clip, plan, strength=strength, base=base, site=site)
 
 
-def run_edit(model, clip, plan, *, strength: float = 1.0, base: str = "patched"):
+def run_edit(model, clip, plan, *, strength: float = 1.0, base: str = "patched", site: str = "unet"):
     """Compute ``plan`` on (model, clip) and return the node result with its UI summary."""
-    from ..adapters.comfy_model import ComfyEditableModel
+    from ..adapters.comfy_model import ComfyEditableModel, text_encoder_model
     from ..comfy_patches import apply_to_comfy
 
-    em = ComfyEditableModel(model, clip, base=base)
+    if site == "text_encoder":
+        em = text_encoder_model(clip, model)
+        base = "patched"  # the CLIP's own patches are always included
+    else:
+        em = ComfyEditableModel(model, clip, base=base)
     delta = compute_delta(em, plan, progress=False)
     delta.metadata.setdefault("comfyui", {})["base"] = base
     try:
@@ -165,12 +176,13 @@ KIND_BASES = {"erase": _Erase, "replace": _Replace, "moderate": _Moderate, "debi
 
 def _make_classes():
     classes, names = {}, {}
-    for method, (label, kinds, _) in METHODS.items():
+    for method, (label, _, kinds, _, site) in METHODS.items():
+        where = "the UNet's cross-attention" if site == "unet" else "the text encoder's MLP layers (SD 1.x)"
         for kind in kinds:
             base = KIND_BASES[kind]
-            cls_name = f"ConceptEdit{label.replace('-', '')}{kind.capitalize()}"
+            cls_name = f"ConceptEdit{label.replace('-', '').replace(' ', '')}{kind.capitalize()}"
             cls = type(cls_name, (base,), {"METHOD": method, "KIND": kind,
-                                           "DESCRIPTION": f"{label} {kind}: closed-form edit of the UNet's cross-attention"})
+                                           "DESCRIPTION": f"{label} {kind}: closed-form edit of {where}"})
             classes[cls_name] = cls
             names[cls_name] = f"{label} {kind.capitalize()} (ConceptEdit)"
     return classes, names

@@ -96,6 +96,24 @@ m3, _ = comfy.sd.load_lora_for_models(model, clip, sd, 1.0, 0.0)
 W3 = ComfyEditableModel(m3, clip).weights(names)
 for n in names:
     assert torch.allclose(W3[n], W1[n], atol=1e-6), n
+
+# 6. text-encoder methods: the rebuilt HF encoder reads what ComfyUI reads; the nodes patch the CLIP
+text_encoder_model = import_module(pkg + ".adapters.comfy_model").text_encoder_model
+te = text_encoder_model(clip, model)
+assert te.family == "sd1" and te.key_dim == 768
+hf = te.encode_ids([em.padded_ids(text)])[0]
+assert (hf - ref).abs().max() < 0.05 * ref.abs().max(), (hf - ref).abs().max()  # ComfyUI's CLIP runs fp16 on CPU
+for node_name in ("ConceptEditEMCIDErase", "ConceptEditNullspaceTEErase"):
+    n = ce.NODE_CLASS_MAPPINGS[node_name]()
+    out = n.edit(model, clip, concepts="Van Gogh", concept_type="style", guide="", preserve="Monet")
+    m4, c4, d4 = out["result"]
+    assert m4 is model and c4 is not clip and clip.patcher.patches == clip_patches_before, node_name
+    assert d4.layers and all(k.startswith("text_encoder.") for k in d4.layers)
+    assert len(c4.patcher.patches) == len(d4.layers), (node_name, len(c4.patcher.patches), len(d4.layers))
+    s4 = out["ui"]["concept_edit"][0]
+    assert s4["components"] == {"text_encoder": len(d4.layers)}, s4
+    e_new = c4.encode_from_tokens(c4.tokenize(text))[0].float()
+    assert (e_new - ref).abs().max() > 1e-3, node_name  # the concept's states moved
 print("ADAPTER OK")
 '''
 

@@ -203,17 +203,28 @@ class _ProtocolOnly:
         raise AttributeError(name)
 
 
-@pytest.mark.parametrize("method", ["uce", "nullspace"])
-def test_node_methods_run_on_the_protocol_alone(tiny, method):
-    """Every method offered as a node runs with nothing but the EditableModel protocol."""
+@pytest.mark.parametrize("method", ["uce", "nullspace", "emcid", "nullspace_te"])
+def test_node_methods_run_on_what_the_comfyui_adapter_offers(tiny, method):
+    """Every method offered as a node runs on what ComfyUI gives it: the EditableModel protocol
+    alone (UNet methods), or a text-encoder-only pipeline (text-encoder methods)."""
+    from types import SimpleNamespace
+
+    from concept_edit.adapters.comfy_model import _StubUNet
+    from concept_edit.adapters.diffusers_model import DiffusersModel
     from concept_edit.nodes.edit_nodes import METHODS
 
-    _, model = tiny("sd1")
+    pipe, model = tiny("sd1")
+    _, engine, kinds, options, site = METHODS[method]
+    if site == "unet":
+        em = _ProtocolOnly(model)
+    else:
+        em = DiffusersModel(SimpleNamespace(text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=_StubUNet(32)))
     settings = common_settings("Monet", 0.5, 1.0, 1.0, "last", "{}", "kv")
-    kinds = METHODS[method][1]
     edits = erase_edits("Van Gogh", "style", "")
     if "replace" in kinds:
         edits += replace_edits("cat -> dog")
-    plan = make_plan(edits, method, settings, METHODS[method][2])
-    delta = compute_delta(_ProtocolOnly(model), plan, progress=False)
-    assert delta.layers and all(n.startswith("unet.") and ".attn2.to_" in n for n in delta.layers)
+    plan = make_plan(edits, engine, settings, options)
+    delta = compute_delta(em, plan, progress=False)
+    want = "unet." if site == "unet" else "text_encoder.text_model.encoder.layers."
+    assert delta.layers and all(n.startswith(want) for n in delta.layers)
+    json.dumps(edit_summary(delta, plan))
