@@ -88,9 +88,11 @@ def build_tiny_pipeline(family: str = "sd1", *, seed: int = 0):
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
     te1 = CLIPTextModel(_clip_config(32))
-    te2 = CLIPTextModelWithProjection(_clip_config(32, projection=32, act="gelu"))
+    # The encoders differ in width (as in real SDXL: 768 vs 1280): diffusers' single-file
+    # loader tells them apart by width.
+    te2 = CLIPTextModelWithProjection(_clip_config(48, projection=32, act="gelu"))
     unet = UNet2DConditionModel(
-        cross_attention_dim=64,
+        cross_attention_dim=80,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",

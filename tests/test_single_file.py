@@ -19,31 +19,6 @@ FAMILIES = ["sd1", "sd2", "sdxl"]
 PLAN = {"edits": [{"erase": "cat"}], "preserve": ["tree"]}
 
 
-def tiny_sdxl_distinct_encoders(seed: int = 0):
-    """Tiny SDXL whose two text encoders differ in width (32 vs 48).
-
-    diffusers' single-file loader tells SDXL's encoders apart by width, so with the stock tiny
-    SDXL (both 32 wide) it would load encoder 1's weights into encoder 2.
-    """
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    base = build_tiny_pipeline("sdxl", seed=seed)
-    torch.manual_seed(seed + 1)
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=49408, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=1, hidden_act="gelu",
-        projection_dim=32,
-    ))
-    cfg = {k: v for k, v in base.unet.config.items() if not k.startswith("_")}
-    cfg["cross_attention_dim"] = 32 + 48
-    return StableDiffusionXLPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=te2, tokenizer=base.tokenizer,
-        tokenizer_2=base.tokenizer_2, unet=UNet2DConditionModel(**cfg), scheduler=base.scheduler,
-        force_zeros_for_empty_prompt=True,
-    )
-
-
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     """family -> (pipeline, its diffusers folder, its original-layout single file)."""
@@ -51,7 +26,7 @@ def single(tmp_path_factory):
 
     def get(family):
         if family not in cache:
-            pipe = tiny_sdxl_distinct_encoders() if family == "sdxl" else build_tiny_pipeline(family)
+            pipe = build_tiny_pipeline(family)
             root = tmp_path_factory.mktemp(f"single_{family}")
             pipe.save_pretrained(str(root / "config"))
             path = L.save_single_file(pipe, root / f"{family}.safetensors")
