@@ -13,16 +13,26 @@ from pathlib import Path
 SUBJECT_TEMPLATE = "a photo of {}"
 
 
-def _load(args):
+def _load(args, *, lazy: bool = False):
+    """(path, pipe, model). With ``lazy`` and a single-file model, only the text encoders are
+    built and edited weights are read on demand (pipe is None): enough to compute or bake a delta."""
     import torch
 
     from .adapters.diffusers_model import DiffusersModel, load_pipeline
     from .bundled import default_model_path
 
     path = args.model or default_model_path()
+    autocast = torch.bfloat16 if getattr(args, "bf16", False) else None
+    if lazy and Path(path).suffix.lower() == ".safetensors":
+        from .adapters.diffusers_model import ModelLoadError
+        from .adapters.single_file_model import SingleFileModel
+
+        if not args.config:
+            raise ModelLoadError(f"loading the single file {Path(path).name} needs --config DIR: a local diffusers "
+                                 "folder of the same architecture; no model hub is reachable")
+        return path, None, SingleFileModel(path, args.config, autocast_dtype=autocast)
     pipe = load_pipeline(path, config=args.config, allow_pickle=args.allow_pickle)
-    model = DiffusersModel(pipe, autocast_dtype=torch.bfloat16 if getattr(args, "bf16", False) else None)
-    return path, pipe, model
+    return path, pipe, DiffusersModel(pipe, autocast_dtype=autocast)
 
 
 def _plan_from_args(args):
@@ -71,7 +81,8 @@ def cmd_edit(args):
     from .methods import compute_delta
 
     plan = _plan_from_args(args)
-    path, pipe, model = _load(args)
+    # UCE needs only text encoders and the edited weights; EMCID/null-space run the UNet.
+    path, pipe, model = _load(args, lazy=plan.method == "uce")
     t0 = time.perf_counter()
     delta = compute_delta(model, plan)
     dt = time.perf_counter() - t0
@@ -139,16 +150,17 @@ def cmd_apply(args):
 def cmd_export(args):
     from .export import export_diffusers, export_single_file
 
-    path, pipe, model = _load(args)
-    delta = _load_deltas(args.delta, model)
     out = Path(args.output)
-    if out.suffix == ".safetensors":
-        if Path(path).is_dir():
-            raise SystemExit("single-file export bakes into a single-file source; export a diffusers folder "
-                             "from a diffusers source (give an output path without .safetensors)")
-        export_single_file(path, pipe, model, delta, out, scale=args.scale, check_fingerprint=not args.force, overwrite=args.overwrite)
+    single_out = out.suffix.lower() == ".safetensors"
+    path, pipe, model = _load(args, lazy=single_out)
+    delta = _load_deltas(args.delta, model)
+    kw = dict(scale=args.scale, check_fingerprint=not args.force, overwrite=args.overwrite)
+    if single_out:
+        # From a single file: stream it, rewriting only edited tensors. From a folder: convert.
+        source = None if Path(path).is_dir() else path
+        export_single_file(source, pipe, model, delta, out, **kw)
     else:
-        export_diffusers(pipe, model, delta, out, scale=args.scale, check_fingerprint=not args.force, overwrite=args.overwrite)
+        export_diffusers(pipe, model, delta, out, **kw)
     print(f"edited model -> {out}")
 
 

@@ -181,20 +181,6 @@ def test_export_from_pipeline(single, full_delta, tmp_path):
         L.save_single_file(pipe, out)
 
 
-def test_stock_tiny_sdxl_round_trips_through_own_mapping(tmp_path):
-    """The stock tiny SDXL (equal encoder widths) through our own reader."""
-    pipe = build_tiny_pipeline("sdxl")
-    pipe.save_pretrained(str(tmp_path / "cfg"))
-    path = L.save_single_file(pipe, tmp_path / "xl.safetensors")
-    model = SingleFileModel(path, tmp_path / "cfg")
-    for comp in L.TEXT_ENCODERS:
-        a, b = getattr(pipe, comp).state_dict(), getattr(model.pipe, comp).state_dict()
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ws = model.cross_attention_weights()
-    full = DiffusersModel(pipe).cross_attention_weights()
-    assert list(ws) == list(full) and all(torch.equal(ws[n], full[n]) for n in ws)
-
-
 def test_refusals(single, tmp_path):
     from concept_edit.adapters.diffusers_model import ModelLoadError
 
@@ -206,3 +192,24 @@ def test_refusals(single, tmp_path):
         SingleFileModel(tmp_path / "nope.safetensors", cfg1)
     with pytest.raises(KeyError, match="does not have"):
         SingleFileModel(p1, cfg1).weights(["unet.nope.to_k"])
+
+
+def test_cli_single_file_edit_and_export(single, tmp_path):
+    """CLI on a single file: the edit never builds the UNet; exports go file->file and folder->file."""
+    from concept_edit.cli import main
+    from concept_edit.formats import load_delta
+
+    pipe, config, path = single("sd1")
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    d = tmp_path / "e.safetensors"
+    assert main(["edit", "--model", str(path), "--config", str(config), "--erase", "cat", "-o", str(d)]) == 0
+    assert main(["edit", "--model", str(path), "--erase", "cat", "-o", str(tmp_path / "x.safetensors")]) == 2
+    delta = load_delta(d)
+    for out, src in ((tmp_path / "a.safetensors", path), (tmp_path / "b.safetensors", config)):
+        assert main(["export", "--model", str(src), "--config", str(config), str(d), "-o", str(out)]) == 0
+        with safe_open(str(out), "pt") as f, safe_open(str(path), "pt") as g:
+            keys = L.canonical_to_single_file_keys(pipe)
+            for name, ld in delta.layers.items():
+                k = keys[name]
+                torch.testing.assert_close(f.get_tensor(k), g.get_tensor(k) + ld.dense(), rtol=1e-5, atol=1e-6)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
