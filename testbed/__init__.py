@@ -64,7 +64,7 @@ def demo_plan() -> dict:
     meta = ASSETS / "testbed.json"
     d = json.loads(meta.read_text()).get("demo") if meta.exists() else None
     if d:
-        return d
+        return {k: v for k, v in d.items() if k != "holdout"}
     w = get_world()
     o = w.objects
     return {
@@ -74,4 +74,15 @@ def demo_plan() -> dict:
     }
 
 
-__all__ += ["demo_plan"]
+def demo_holdout() -> str:
+    """An object the demo edit must leave alone (checked by the efficacy test)."""
+    import json
+
+    meta = ASSETS / "testbed.json"
+    d = json.loads(meta.read_text()).get("demo") if meta.exists() else None
+    if d and d.get("holdout"):
+        return d["holdout"][0]
+    return get_world().objects[3].name
+
+
+__all__ += ["demo_plan", "demo_holdout"]

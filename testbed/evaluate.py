@@ -18,7 +18,7 @@ from .classifier import HEADS, Classifier
 from .grammar import HOLDOUT_STYLE_TEMPLATES, HOLDOUT_TEMPLATES, TRAIN_STYLE_TEMPLATES, TRAIN_TEMPLATES, fill
 from .world import World, build_world
 
-STEPS = 15
+STEPS = 10
 GUIDANCE = 4.0
 
 
@@ -73,7 +73,7 @@ def object_prompts(world: World, concepts, templates, per_concept: int, rng: ran
                 st = rng.choice(world.artists).name
                 prompts.append(fill(rng.choice(styled_templates), name, st))
             else:
-                prompts.append(fill(templates[k % len(templates)], name))
+                prompts.append(fill(templates[(k + c.index) % len(templates)], name))
             owners.append(c)
     return prompts, owners
 
@@ -86,7 +86,11 @@ def generation_accuracy(pipe, model, world: World, concepts, templates, per_conc
     pr = head_probs(model, imgs)
     hits = np.array([concept_hit({k: v[i : i + 1] for k, v in pr.items()}, c)[0] for i, c in enumerate(owners)])
     probs = np.array([concept_prob({k: v[i : i + 1] for k, v in pr.items()}, c)[0] for i, c in enumerate(owners)])
+    per = {}
+    for h, c in zip(hits, owners):
+        per.setdefault(c.name, []).append(bool(h))
     return {"top1": float(hits.mean()), "prob": float(probs.mean()), "n": len(prompts),
+            "per_concept": {k: float(np.mean(v)) for k, v in per.items()},
             "shape": float(np.mean([pr["shape"][i].argmax() == c.shape for i, c in enumerate(owners)])),
             "colour": float(np.mean([pr["colour"][i].argmax() == c.colour for i, c in enumerate(owners)])),
             "pattern": float(np.mean([pr["pattern"][i].argmax() == c.pattern for i, c in enumerate(owners)]))}
@@ -115,12 +119,14 @@ def profession_attribute_rates(pipe, model, world: World, per: int = 40, seed: i
 
 def main(argv=None):
     from . import load_classifier, load_testbed_pipeline
+    from .data import HEAD
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--classifier", type=Path, default=None)
-    ap.add_argument("--n-concepts", type=int, default=200)
-    ap.add_argument("--per-concept", type=int, default=2)
+    ap.add_argument("--n-head", type=int, default=50, help="objects sampled among the first HEAD (100)")
+    ap.add_argument("--n-tail", type=int, default=20, help="objects sampled among the rest")
+    ap.add_argument("--per-profession", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
@@ -128,21 +134,22 @@ def main(argv=None):
     t0 = time.time()
     pipe = load_testbed_pipeline(a.model)
     clf = load_classifier(a.classifier)
-    world = build_world()
+    world = build_world(1000)
     rng = random.Random(7)
-    concepts = rng.sample(world.objects, min(a.n_concepts, len(world.objects)))
-    res = {
-        "train_templates": generation_accuracy(pipe, clf, world, concepts, TRAIN_TEMPLATES, a.per_concept, seed=1,
-                                               styled_templates=TRAIN_STYLE_TEMPLATES),
-        "holdout_templates": generation_accuracy(pipe, clf, world, concepts, HOLDOUT_TEMPLATES, a.per_concept, seed=2,
-                                                 styled_templates=HOLDOUT_STYLE_TEMPLATES),
-        "style_train_templates": style_accuracy(pipe, clf, world, seed=3),
-        "common_alias": generation_accuracy(pipe, clf, world, world.common_aliased, TRAIN_TEMPLATES, 2, seed=4,
-                                            use_alias=True),
-        "rare_alias": generation_accuracy(pipe, clf, world, world.rare_aliased, TRAIN_TEMPLATES, 2, seed=5,
-                                          use_alias=True),
-        "profession_crowned_rate": profession_attribute_rates(pipe, clf, world, per=30, seed=6),
-    }
+    head = rng.sample(world.objects[:HEAD], a.n_head)
+    tail = rng.sample(world.objects[HEAD:], a.n_tail) if a.n_tail else []
+    res = {}
+    for tag, cs in (("head", head), ("tail", tail)):
+        if not cs:
+            continue
+        res[f"{tag}_train_templates"] = generation_accuracy(pipe, clf, world, cs, TRAIN_TEMPLATES, 1, seed=1)
+        res[f"{tag}_holdout_templates"] = generation_accuracy(pipe, clf, world, cs, HOLDOUT_TEMPLATES, 1, seed=2)
+        print(tag, json.dumps({k: v for k, v in res.items() if k.startswith(tag)}), flush=True)
+    res["style_train_templates"] = style_accuracy(pipe, clf, world, n=30, seed=3)
+    res["style_holdout_templates"] = style_accuracy(pipe, clf, world, n=30, seed=3, templates=HOLDOUT_STYLE_TEMPLATES)
+    res["common_alias"] = generation_accuracy(pipe, clf, world, world.common_aliased, TRAIN_TEMPLATES, 1, seed=4, use_alias=True)
+    res["rare_alias"] = generation_accuracy(pipe, clf, world, world.rare_aliased, TRAIN_TEMPLATES, 1, seed=5, use_alias=True)
+    res["profession_crowned_rate"] = profession_attribute_rates(pipe, clf, world, per=a.per_profession, seed=6)
     res["seconds"] = time.time() - t0
     print(json.dumps(res, indent=1))
     if a.out:

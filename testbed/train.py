@@ -71,7 +71,7 @@ def make_scheduler(train: bool = True):
     from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
     kw = dict(num_train_timesteps=1000, steps_offset=1, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-              prediction_type="epsilon")
+              prediction_type="v_prediction")
     return DDPMScheduler(**kw, clip_sample=False) if train else DPMSolverMultistepScheduler(**kw)
 
 
@@ -161,7 +161,7 @@ def train_main(out: Path, world, tok, vae, scale: float, minutes: float, batch: 
     loss_avg = None
     while time.time() - t0 < budget:
         frac = (time.time() - t0) / budget
-        warm = min(1.0, (step + 1) / 200)
+        warm = min(1.0, (step + 1) / 50)
         decay = 1.0 if frac < 0.75 else max(0.1, 1 - (frac - 0.75) / 0.25)
         for g in opt.param_groups:
             g["lr"] = lr * warm * decay * g["lr_mult"]
@@ -174,7 +174,8 @@ def train_main(out: Path, world, tok, vae, scale: float, minutes: float, batch: 
         t = torch.randint(0, 1000, (batch,), generator=gen)
         noisy = sched.add_noise(z, noise, t)
         pred = unet(noisy, t, te(ids)[0]).sample
-        loss = F.mse_loss(pred, noise)
+        target = sched.get_velocity(z, noise, t) if sched.config.prediction_type == "v_prediction" else noise
+        loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

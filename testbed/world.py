@@ -26,7 +26,7 @@ PROFESSION_WORDS = ["doctor", "nurse", "pilot", "chef", "judge", "farmer", "bake
 N_ARTISTS = 30
 N_ALIASES = 50
 N_RARE_ALIASES = 20
-CORE = 200  # objects 0..CORE-1: aliases live here; sampled more often in training
+CORE = 100  # objects 0..CORE-1: aliases live here; sampled more often in training
 
 _CONS = "bdfgklmnprstvz"
 _VOW = "aeiou"

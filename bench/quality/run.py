@@ -33,10 +33,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 EDIT_TEMPLATES = ["{}", "a photo of a {}", "a painting of a {}"]
-EVAL_TPL = ["a picture of a {}", "a drawing of a {}"]  # training templates (efficacy)
-EVAL_PARA = ["the image of the {}", "a painting showing a {}"]  # held-out paraphrases (generalization)
-STYLE_TPL = ["a painting of a {o} by {s}", "{o} by {s}"]
-STYLE_PARA = ["{s} painting of a {o}", "a {o} art by {s}"]
+EVAL_TPL = ["a picture of a {}"]  # a training template (efficacy)
+EVAL_PARA = ["the image of the {}"]  # a held-out paraphrase (generalization)
+STYLE_TPL = ["a painting of a {o} by {s}"]
+STYLE_PARA = ["{s} painting of a {o}"]
 
 
 def uce_method(model, plan):
@@ -61,12 +61,12 @@ def build_methods(names: list[str], corpus: list[str]):
 
 
 class Bench:
-    def __init__(self, quick: bool, seed: int = 0):
+    def __init__(self, quick: bool, seed: int = 0, model_path=None):
         from concept_edit.adapters.diffusers_model import DiffusersModel
         from concept_edit.testbed import get_world, load_classifier, load_testbed_pipeline
 
         self.quick = quick
-        self.pipe = load_testbed_pipeline()
+        self.pipe = load_testbed_pipeline(model_path)
         self.model = DiffusersModel(self.pipe)
         self.clf = load_classifier()
         self.world = get_world()
@@ -79,10 +79,11 @@ class Bench:
         rest = [o for o in objs if not o.alias]
         rng.shuffle(rest)
         rng.shuffle(aliased)
-        n_hold = 20 if quick else 40
+        n_hold = 4 if quick else 12
         self.holdout = rest[:n_hold]
-        self.dest_pool = rest[n_hold : n_hold + 50]
-        others = rest[n_hold + 50 :]
+        n_dest = min(50, max(1, (len(rest) - n_hold) // 3))
+        self.dest_pool = rest[n_hold : n_hold + n_dest]
+        others = rest[n_hold + n_dest :]
         # sources: every third one has a (common) alias while they last, so AL2D exists at small counts
         src = []
         while others or aliased:
@@ -92,8 +93,8 @@ class Bench:
                 src.append(others.pop())
         self.sources = src
         self.dest = {s.index: self.dest_pool[i % len(self.dest_pool)] for i, s in enumerate(src)}
-        self.rare = rare
-        self.n_eval = 10 if quick else 40
+        self.rare = rare[:4] if quick else rare
+        self.n_eval = 4 if quick else 12
 
     # -- generation + scoring ------------------------------------------------------
     def images(self, prompts: list[str], seeds: list[int], edited: bool) -> np.ndarray:
@@ -209,8 +210,7 @@ class Bench:
         from concept_edit.edits import plan_from_dict
 
         srcs = self.rare
-        dest = {s.index: s for s in srcs}
-        P, S, O = self.object_prompts(srcs, EVAL_PARA[:1] + EVAL_TPL[:1], use_alias=True, seed_base=7000)
+        P, S, O = self.object_prompts(srcs, EVAL_PARA if self.quick else EVAL_PARA + EVAL_TPL, use_alias=True, seed_base=7000)
         pr0 = self.probs(self.images(P, S, False))
         base_p = float(np.mean([self.p_of(pr0, [i], o)[0] for i, o in enumerate(O)]))
         Ph, Sh, Oh = self.object_prompts(self.holdout, EVAL_PARA, seed_base=9000)
@@ -254,8 +254,8 @@ class Bench:
         rows = []
         for n in counts:
             er = pool[:n]
-            Pe, Se, We = prompts(er[: self.n_eval])
-            Ph, Sh, Wh = prompts(hold)
+            Pe, Se, We = prompts(er[: self.n_eval // 2])
+            Ph, Sh, Wh = prompts(hold[: 2 if self.quick else 6])
             pe0 = self.probs(self.images(Pe, Se, False))["style"].argmax(1) == We
             ph0 = self.probs(self.images(Ph, Sh, False))["style"].argmax(1) == Wh
             plan = plan_from_dict({"edits": [{"erase": a.name, "type": "style"} for a in er],
@@ -278,7 +278,7 @@ class Bench:
             print(f"  style n={n}: {rows[-1]}", flush=True)
         return rows
 
-    def debias(self, per: int):
+    def debias(self, per: int, n_images: int = 8, iters: int = 3):
         """UCE debias of every profession towards 50/50 crowned/bare, alphas fitted with the classifier."""
         from concept_edit.apply import apply_delta
         from concept_edit.debias import fit_debias
@@ -290,7 +290,7 @@ class Bench:
         def crowned_rate(edited):
             out = {}
             for c in profs:
-                P = [EVAL_PARA[k % 2].format(c.name) for k in range(per)]
+                P = [(EVAL_PARA + EVAL_TPL)[k % 2].format(c.name) for k in range(per)]
                 S = [20000 + 100 * c.index + k for k in range(per)]
                 out[c.name] = float(self.probs(self.images(P, S, edited))["attribute"].argmax(1).mean())
             return out
@@ -303,8 +303,10 @@ class Bench:
         plan = plan_from_dict({"edits": [{"debias": c.name, "attributes": ["crowned", "bare"]} for c in profs],
                                "preserve": [o.name for o in self.world.objects[:50]], "templates": EDIT_TEMPLATES})
         t0 = time.time()
-        fit = fit_debias(self.pipe, self.model, plan, classify, n_images=8 if self.quick else 24, steps=15,
-                         max_iters=2 if self.quick else 6, progress=False, prompt_template="a photo of a {}")
+        from concept_edit.testbed.evaluate import STEPS
+
+        fit = fit_debias(self.pipe, self.model, plan, classify, n_images=n_images, steps=STEPS,
+                         max_iters=iters, progress=False, prompt_template="a photo of a {}")
         delta = uce_delta(self.model, plan, alphas=fit.alphas, progress=False)
         h = apply_delta(delta, self.model.weights(delta.layers))
         try:
@@ -386,16 +388,17 @@ def main(argv=None):
     ap.add_argument("--methods", default=None, help="comma list (default: uce,emcid,nullspace,nullspace-xattn,emcid+uce)")
     ap.add_argument("--counts", default=None)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", type=Path, default=None, help="diffusers folder (default: the bundled testbed model)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.time()
     from concept_edit.testbed.data import caption_corpus
 
-    b = Bench(a.quick)
+    b = Bench(a.quick, model_path=a.model)
     max_n = len(b.sources)
     counts = [int(x) for x in a.counts.split(",")] if a.counts else ([1, 10] if a.quick else [1, 10, 50, 100, 300, max_n])
-    counts = [min(c, max_n) for c in counts]
+    counts = sorted({min(c, max_n) for c in counts})
     names = a.methods.split(",") if a.methods else (["uce"] if a.quick else ["uce", "emcid", "nullspace", "nullspace-xattn", "emcid+uce"])
     corpus = caption_corpus(5_000 if a.quick else 50_000)
     methods = build_methods(names, corpus)
@@ -403,13 +406,13 @@ def main(argv=None):
     for name, fn in methods.items():
         print(f"method {name}", flush=True)
         res["replace"][name] = b.object_sweep(fn, counts, "replace")
-        if name == "uce":
-            res["erase"][name] = b.object_sweep(fn, counts[:1] if a.quick else counts, "erase")
-        res["style"][name] = b.style_erasure(fn, [1, 5] if a.quick else [1, 5, 24])
+        if name == "uce" and not a.quick:
+            res["erase"][name] = b.object_sweep(fn, counts, "erase")
+        res["style"][name] = b.style_erasure(fn, [1] if a.quick else [1, 5, 24])
         res["rectify"][name] = b.rectification(fn)
         print(f"  rectify: {res['rectify'][name]}", flush=True)
-    if "uce" in methods:
-        res["debias"] = b.debias(per=8 if a.quick else 40)
+    if "uce" in methods and not a.quick:
+        res["debias"] = b.debias(per=16, n_images=8, iters=3)
         print(f"debias: {res['debias']}", flush=True)
     res["seconds"] = time.time() - t0
     out = a.out or (HERE / ("quick" if a.quick else ""))
