@@ -307,7 +307,10 @@ def text_encoder_model(clip, model_patcher=None):
     te.eval().requires_grad_(False)
     from types import SimpleNamespace
 
-    tok = clip.tokenizer.clip_l.tokenizer
+    import copy
+
+    tok = copy.deepcopy(clip.tokenizer.clip_l.tokenizer)  # ComfyUI's own object stays untouched
+    tok.model_max_length = int(getattr(clip.tokenizer.clip_l, "max_length", 77))  # its config says 8192
     ctx = int(_unet_config(model_patcher)["context_dim"]) if model_patcher is not None else hidden
     pipe = SimpleNamespace(text_encoder=te, tokenizer=tok, unet=_StubUNet(ctx))
     return DiffusersModel(pipe)
