@@ -2,9 +2,7 @@
 
 Each callable fills in method options the plan does not set (the plan's own ``options`` win),
 so a benchmark can hand every method the same EditPlan (edits, preserve, templates) and get a
-delta to apply with :func:`concept_edit.apply.apply_delta` over ``layer_weights(model, names)``
-(text-encoder names need :func:`concept_edit.text_encoder_edit.layer_weights` until the
-diffusers adapter maps ``text_model.`` names under transformers >= 5).
+delta to apply with :func:`concept_edit.apply.apply_delta` over ``model.weights(names)``.
 
 Presets (all cheap enough for 1,000 edits on a CPU except the ``-distill`` ones):
 
@@ -84,7 +82,7 @@ def noise_scores(model, delta: ConceptDelta, pairs: list[tuple[str, str]], holdo
 
     from .apply import apply_delta
     from .keys import Prompt
-    from .text_encoder_edit import layer_weights, tokenize_prompts, unet_conditioning
+    from .text_encoder_edit import tokenize_prompts, unet_conditioning
 
     pipe = model.pipe
     g = torch.Generator("cpu").manual_seed(seed)
@@ -104,7 +102,7 @@ def noise_scores(model, delta: ConceptDelta, pairs: list[tuple[str, str]], holdo
 
     src, dst = [p for p, _ in pairs], [q for _, q in pairs]
     e_src, e_dst, e_hold = eps(src), eps(dst), eps(holdout)
-    h = apply_delta(delta, layer_weights(model, list(delta.layers)), check_fingerprint=False)
+    h = apply_delta(delta, model.weights(list(delta.layers)), check_fingerprint=False)
     try:
         f_src, f_hold = eps(src), eps(holdout)
     finally:

@@ -37,7 +37,7 @@ from .edits import EditPlan
 from .emcid_targets import StageIConfig, TargetRequest, compute_targets
 from .keys import expand
 from .solvers.emcid import emcid_solve_layer, spread_residual
-from .text_encoder_edit import fc2_name, layer_weights, resolve_layers, subject_states, tokenize_prompts
+from .text_encoder_edit import fc2_name, resolve_layers, subject_states, tokenize_prompts
 from .version import __version__
 
 STAGE_I_KEYS = ("steps", "lr", "text_weight", "clamp", "weight_decay", "images_per_concept", "gen_steps", "guidance", "batch_concepts", "seed")
@@ -111,7 +111,7 @@ def spread_edit(
                 ld = LayerDelta(up.float(), down.float()).compact()
                 out[name] = ld
                 report[name] = info
-                w = layer_weights(model, [name])
+                w = model.weights([name])
                 handles.append(apply_delta(ConceptDelta({name: ld}), w, check_fingerprint=False))
             zf = subject_states(model, comp, src, out_layers=[L], start=resume)[("out", L)].double()
             report[comp] = {
@@ -133,7 +133,7 @@ def _base_meta(model, plan, method, hyper, layers_delta, t0, extra):
         "edits": [vars(e) for e in plan.edits],
         "preserve": plan.preserve,
         "hyperparameters": hyper,
-        "base_fingerprint": fingerprint(layer_weights(model, names)),
+        "base_fingerprint": fingerprint(model.weights(names)),
         "concept_edit_version": __version__,
     }
     meta.update(extra)
@@ -203,7 +203,7 @@ def emcid_uce_delta(model, plan: EditPlan, *, images: dict | None = None, progre
     from .uce_edit import uce_delta
 
     d1 = emcid_delta(model, plan, images=images, progress=progress)
-    h = apply_delta(d1, layer_weights(model, list(d1.layers)), check_fingerprint=False)
+    h = apply_delta(d1, model.weights(list(d1.layers)), check_fingerprint=False)
     try:
         d2 = uce_delta(model, plan, progress=progress)
     finally:
@@ -211,5 +211,5 @@ def emcid_uce_delta(model, plan: EditPlan, *, images: dict | None = None, progre
     out = d1.stacked(d2)
     out.metadata.update(method="emcid+uce", family=model.family, edits=d1.metadata["edits"], concept_edit_version=__version__)
     names = list(out.layers)
-    out.metadata["base_fingerprint"] = fingerprint(layer_weights(model, names))
+    out.metadata["base_fingerprint"] = fingerprint(model.weights(names))
     return out

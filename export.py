@@ -9,6 +9,7 @@ import torch
 from . import ldm_layout as L
 from .apply import apply_delta, check_compatible
 from .delta import ConceptDelta
+from .adapters.base import canonical_text_path
 from .fileio import atomic_path
 
 
@@ -37,26 +38,8 @@ def _canonical_part(name: str) -> str:
     """Delta layer name -> canonical parameter name used by the layout entries."""
     comp, _, sub = name.partition(".")
     if comp in L.TEXT_ENCODERS:
-        sub = L.canonical_text_key(sub)
+        sub = canonical_text_path(sub)
     return f"{comp}.{sub}.weight"
-
-
-def _weights(model, names) -> dict[str, torch.nn.Parameter]:
-    """model.weights, also resolving canonical ``text_model.`` names on flattened encoders."""
-    out = {}
-    for n in names:
-        try:
-            out.update(model.weights([n]))
-        except KeyError:
-            comp, _, sub = n.partition(".")
-            enc = getattr(getattr(model, "pipe", None), comp, None)
-            if comp not in L.TEXT_ENCODERS or enc is None:
-                raise
-            try:
-                out[n] = enc.get_submodule(L.module_key(enc, sub)).weight
-            except AttributeError as e:
-                raise KeyError(f"this model does not have layer {n}") from e
-    return out
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -99,7 +82,7 @@ def export_single_file(source: str | Path | None, pipe, model, delta: ConceptDel
         from .adapters.diffusers_model import DiffusersModel
 
         model = DiffusersModel(pipe)
-    weights = _weights(model, delta.layers)
+    weights = model.weights(delta.layers)
     check_compatible(delta, weights, check_fingerprint=check_fingerprint)
     src = Path(source) if source is not None else None
     if src is not None and src.is_file():

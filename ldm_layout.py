@@ -18,7 +18,7 @@ and how they combine (``copy``; ``conv1x1``: VAE mid-attention linear stored as 
 ``transpose``: OpenCLIP ``text_projection``; ``cat``: OpenCLIP fused q/k/v ``in_proj``).
 
 Canonical text-encoder names always carry ``text_model.`` (transformers >= 5.6 flattens
-``CLIPTextModel``, so module paths may lack it; :func:`module_key` converts).
+``CLIPTextModel``, so module paths may lack it; :func:`~concept_edit.adapters.base.text_module_path` converts).
 """
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import torch
+
+from .adapters.base import canonical_text_path
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -257,20 +259,6 @@ _OPENCLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1",
                    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
 
 
-def canonical_text_key(k: str) -> str:
-    """A text-encoder module state-dict key -> canonical form (always with ``text_model.``)."""
-    if k.startswith("text_model.") or k.startswith("text_projection."):
-        return k
-    return "text_model." + k
-
-
-def module_key(module: torch.nn.Module, canonical: str) -> str:
-    """Canonical text-encoder key -> this module's own key (drops ``text_model.`` if flattened)."""
-    if canonical.startswith("text_model.") and not hasattr(module, "text_model"):
-        return canonical[len("text_model."):]
-    return canonical
-
-
 def text_encoder_entries(comp: str, keys: Iterable[str], layout: str, prefix: str) -> list[Entry]:
     """Entries of one text encoder; ``keys`` are its canonical keys (no component prefix)."""
     out: list[Entry] = []
@@ -343,7 +331,7 @@ def pipeline_configs(pipe) -> dict[str, dict]:
 
 def component_keys(comp: str, module: torch.nn.Module) -> list[str]:
     keys = list(module.state_dict().keys())
-    return [canonical_text_key(k) for k in keys] if comp in TEXT_ENCODERS else keys
+    return [canonical_text_path(k) for k in keys] if comp in TEXT_ENCODERS else keys
 
 
 def pipeline_entries(pipe) -> list[Entry]:
@@ -359,7 +347,7 @@ def canonical_state_dict(pipe) -> dict[str, torch.Tensor]:
         if m is None:
             continue
         for k, v in m.state_dict().items():
-            out[f"{comp}.{canonical_text_key(k) if comp in TEXT_ENCODERS else k}"] = v
+            out[f"{comp}.{canonical_text_path(k) if comp in TEXT_ENCODERS else k}"] = v
     return out
 
 

@@ -11,6 +11,7 @@ ENGINES = {
     "uce": ("uce_edit", "uce_delta"),
     "emcid": ("emcid_edit", "emcid_delta"),
     "nullspace": ("nullspace_edit", "nullspace_delta"),
+    "emcid+uce": ("emcid_edit", "emcid_uce_delta"),
 }
 
 

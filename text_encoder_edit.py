@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .adapters.base import text_module_path
+
 from .keys import Prompt
 
 
@@ -77,27 +79,10 @@ def parse_fc2_name(name: str) -> tuple[str, int]:
 
 
 def text_module(model, name: str) -> torch.nn.Module:
-    """Module of a canonical text-encoder name (``comp.text_model.…``), whether or not this
-    transformers version nests the CLIP transformer under ``text_model``."""
+    """Module of a canonical text-encoder name (``comp.text_model.…``)."""
     comp, sub = name.split(".", 1)
     enc = encoder(model, comp)
-    try:
-        return enc.get_submodule(sub)
-    except AttributeError:
-        if sub.startswith("text_model."):
-            return text_model(enc).get_submodule(sub[len("text_model."):])
-        raise
-
-
-def layer_weights(model, names) -> dict[str, torch.nn.Parameter]:
-    """Canonical name -> weight, for text-encoder layers (any transformers version) and UNet layers."""
-    out = {}
-    for n in names:
-        if n.startswith("text_encoder"):
-            out[n] = text_module(model, n).weight
-        else:
-            out.update(model.weights([n]))
-    return out
+    return enc.get_submodule(text_module_path(enc, sub))
 
 
 def _parse(spec, n: int) -> list[int]:

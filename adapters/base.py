@@ -42,3 +42,20 @@ class EditableModel:
 
     def weights(self, names) -> dict[str, torch.nn.Parameter]:
         raise NotImplementedError
+
+
+def text_module_path(encoder: torch.nn.Module, canonical: str) -> str:
+    """Canonical text-encoder path (``text_model.encoder.layers.3.mlp.fc2``) -> the path inside
+    ``encoder``: transformers >= 5 flattens CLIPTextModel (no ``text_model``), while
+    CLIPTextModelWithProjection keeps it. Canonical names always carry ``text_model.``."""
+    if canonical.startswith("text_model.") and not hasattr(encoder, "text_model"):
+        return canonical[len("text_model."):]
+    return canonical
+
+
+def canonical_text_path(path: str) -> str:
+    """A text-encoder module path or state-dict key -> canonical form (always with ``text_model.``,
+    except the projection that CLIPTextModelWithProjection keeps beside it)."""
+    if path.startswith(("text_model.", "text_projection")):
+        return path
+    return "text_model." + path

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .base import CROSS_ATTN_SUFFIXES, EditableModel, PromptTooLongError
+from .base import CROSS_ATTN_SUFFIXES, EditableModel, PromptTooLongError, canonical_text_path, text_module_path
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 
@@ -161,6 +161,8 @@ class DiffusersModel(EditableModel):
         for name in names:
             comp, _, sub = name.partition(".")
             owner = getattr(self.pipe, comp, None) or torch.nn.Module()
+            if comp.startswith("text_encoder"):
+                sub = text_module_path(owner, sub)
             try:
                 found[name] = owner.get_submodule(sub).weight
             except AttributeError as e:
@@ -169,13 +171,14 @@ class DiffusersModel(EditableModel):
 
     def all_weights(self) -> dict[str, torch.nn.Parameter]:
         """Every Linear weight of the UNet and text encoders under canonical names."""
-        comps = ["unet", "text_encoder", "text_encoder_2"]
         out = {}
-        for comp in comps:
+        for comp in ("unet", "text_encoder", "text_encoder_2"):
             m = getattr(self.pipe, comp, None)
             if m is None:
                 continue
             for name, mod in m.named_modules():
                 if isinstance(mod, torch.nn.Linear):
+                    if comp != "unet":
+                        name = canonical_text_path(name)
                     out[f"{comp}.{name}"] = mod.weight
         return out

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import torch
 
 from .. import ldm_layout as L
-from .base import CROSS_ATTN_SUFFIXES
+from .base import CROSS_ATTN_SUFFIXES, canonical_text_path, text_module_path
 from .diffusers_model import PICKLE_SUFFIXES, DiffusersModel, ModelLoadError
 
 
@@ -147,7 +147,7 @@ class SingleFileModel(DiffusersModel):
                         x = x.to(self.dtype)
                     elif x is not t and x.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
                         x = x.clone()  # a slice of a fused tensor: give it its own storage
-                    sd[L.module_key(module, sub)] = x
+                    sd[text_module_path(module, sub)] = x
                 del t
         module.load_state_dict(sd, strict=True, assign=True)
         return module.eval().requires_grad_(False)
@@ -177,7 +177,7 @@ class SingleFileModel(DiffusersModel):
             elif comp in L.TEXT_ENCODERS and getattr(self.pipe, comp, None) is not None:
                 enc = getattr(self.pipe, comp)
                 try:
-                    out[name] = enc.get_submodule(L.module_key(enc, sub)).weight
+                    out[name] = enc.get_submodule(text_module_path(enc, sub)).weight
                 except AttributeError as e:
                     raise KeyError(f"this {self.family} model does not have layer {name}") from e
             else:
@@ -198,7 +198,7 @@ class SingleFileModel(DiffusersModel):
         for comp in L.TEXT_ENCODERS:
             m = getattr(self.pipe, comp, None)
             if m is not None:
-                names += [f"{comp}.{n}" for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)]
+                names += [f"{comp}.{canonical_text_path(n)}" for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)]
         return LazyWeights(self, names)
 
     def loaded_bytes(self) -> int:

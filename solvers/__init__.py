@@ -1,5 +1,20 @@
 """Closed-form editing solvers: pure tensor math, no diffusers or ComfyUI imports."""
+from .emcid import EMCIDLayerSolution, emcid_solve_layer, emcid_system, spread_residual
 from .linalg import SolveReport, solve_spd
+from .nullspace import (
+    EditHistory,
+    NullSpaceProjector,
+    NullSpaceSolution,
+    null_space_projector,
+    nullspace_solve_layer,
+    projector_from_keys,
+)
 from .uce import UCESolution, uce_solve, uce_solve_layer
 
-__all__ = ["SolveReport", "solve_spd", "UCESolution", "uce_solve", "uce_solve_layer"]
+__all__ = [
+    "SolveReport", "solve_spd",
+    "UCESolution", "uce_solve", "uce_solve_layer",
+    "EMCIDLayerSolution", "emcid_solve_layer", "emcid_system", "spread_residual",
+    "EditHistory", "NullSpaceProjector", "NullSpaceSolution", "null_space_projector", "nullspace_solve_layer",
+    "projector_from_keys",
+]

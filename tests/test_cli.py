@@ -125,3 +125,21 @@ def test_export_stacks_several_deltas(tiny_sd1_dir, tmp_path):
         sub = name.partition(".")[2]
         expect = src.unet.get_submodule(sub).weight.detach() + da.layers[name].dense() + db.layers[name].dense()
         torch.testing.assert_close(new.unet.get_submodule(sub).weight.detach(), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_text_encoder_delta_through_cli(tiny_sd1_dir, tmp_path):
+    """EMCID edits text-encoder fc2 layers: edit, export and reload through the CLI."""
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("method: emcid\noptions: {targets: dest_hidden}\nedits:\n  - replace: cat\n    with: dog\n")
+    d = tmp_path / "te.safetensors"
+    assert main(["edit", "--model", str(tiny_sd1_dir), "--plan", str(plan), "-o", str(d)]) == 0
+    delta = load_delta(d)
+    assert delta.layers and all(n.startswith("text_encoder.text_model.encoder.layers.") for n in delta.layers)
+    out = tmp_path / "exported"
+    assert main(["export", "--model", str(tiny_sd1_dir), str(d), "-o", str(out)]) == 0
+    from concept_edit.adapters.diffusers_model import DiffusersModel
+
+    src, new = DiffusersModel(load_pipeline(tiny_sd1_dir)), DiffusersModel(load_pipeline(out))
+    for name, ld in delta.layers.items():
+        torch.testing.assert_close(new.weights([name])[name].detach(), src.weights([name])[name].detach() + ld.dense(),
+                                   rtol=1e-5, atol=1e-6)

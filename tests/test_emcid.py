@@ -77,13 +77,13 @@ def _plan(**options):
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_multilayer_spread_reaches_target_as_alpha_to_one(tiny, family, tmp_path):
     from concept_edit.emcid_edit import emcid_delta
-    from concept_edit.text_encoder_edit import layer_weights
+
 
     _, model = tiny(family)
     res = {}
     for alpha in (0.5, 1 - 1e-9):
         plan = _plan(alpha=alpha, key_mode="each", layers="0-1", cov_cache_dir=str(tmp_path))
-        W = layer_weights(model, [f"text_encoder.text_model.encoder.layers.{i}.mlp.fc2" for i in (0, 1)])
+        W = model.weights([f"text_encoder.text_model.encoder.layers.{i}.mlp.fc2" for i in (0, 1)])
         snap = {n: w.detach().clone() for n, w in W.items()}
         d = emcid_delta(model, plan, progress=False)
         for n, w in W.items():
@@ -159,7 +159,7 @@ def test_lora_export_of_text_encoder_edit(tiny, family, tmp_path):
 
     from concept_edit.apply import apply_delta
     from concept_edit.emcid_edit import emcid_delta
-    from concept_edit.text_encoder_edit import layer_weights, text_module
+    from concept_edit.text_encoder_edit import text_module
     from concept_edit.tiny_models import build_tiny_pipeline
 
     _, model = tiny(family)
@@ -172,7 +172,7 @@ def test_lora_export_of_text_encoder_edit(tiny, family, tmp_path):
     assert keys and all(k.startswith(want) for k in keys)
     assert {k.split("_text_model")[0] + "_" for k in keys} == set(want)
 
-    W = layer_weights(model, list(delta.layers))
+    W = model.weights(list(delta.layers))
     h = apply_delta(delta, W)
     edited = {n: w.detach().clone() for n, w in W.items()}
     h.remove()

@@ -116,7 +116,7 @@ def _states(model, texts):
 def test_text_encoder_site_keeps_preserved_prompts(tiny, family):
     from concept_edit.apply import apply_delta
     from concept_edit.nullspace_edit import nullspace_delta
-    from concept_edit.text_encoder_edit import layer_weights
+
 
     _, model = tiny(family)
     plan = _plan()
@@ -130,7 +130,7 @@ def test_text_encoder_site_keeps_preserved_prompts(tiny, family):
     edit = ["a photo of a cat", "cat"]
     before_k, lens = _states(model, keep)
     before_e, lens_e = _states(model, edit)
-    W = layer_weights(model, list(delta.layers))
+    W = model.weights(list(delta.layers))
     snap = {n: w.detach().clone() for n, w in W.items()}
     h = apply_delta(delta, W)
     try:

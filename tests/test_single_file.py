@@ -6,6 +6,7 @@ import torch
 from safetensors import safe_open
 
 from concept_edit import ldm_layout as L
+from concept_edit.adapters.base import text_module_path
 from concept_edit.adapters.diffusers_model import DiffusersModel, load_pipeline
 from concept_edit.adapters.single_file_model import SingleFileModel
 from concept_edit.delta import ConceptDelta, LayerDelta
@@ -92,7 +93,7 @@ def test_canonical_keys(single, family):
         for name, key in keys.items():
             comp, _, sub = name.partition(".")
             enc = getattr(pipe, comp)
-            w = enc.get_submodule(L.module_key(enc, sub)).weight
+            w = enc.get_submodule(text_module_path(enc, sub)).weight
             assert torch.equal(f.get_tensor(key), w), name
     if family != "sd1":  # OpenCLIP names
         assert any(v.endswith("mlp.c_proj.weight") for v in keys.values())
@@ -133,7 +134,7 @@ def test_export_from_single_file(single, full_delta, family, tmp_path):
     g = torch.Generator().manual_seed(1)
     layers = dict(delta.layers)
     for name, width in extra.items():
-        w = L.module_key(te, name.partition(".")[2])
+        w = text_module_path(te, name.partition(".")[2])
         shape = te.get_submodule(w).weight.shape
         layers[name] = LayerDelta(torch.randn(shape[0], 2, generator=g), torch.randn(2, shape[1], generator=g) * 0.01)
     delta = ConceptDelta(layers, dict(delta.metadata, base_fingerprint=None))
