@@ -365,13 +365,36 @@ def default_repeats(n: int, variant: str) -> int:
     """Best-of-k against the noise of shared cores: cheap calls are repeated, k=1 from N=1000."""
     if variant == "ref":
         return 1
-    return 3 if n <= 10 else 2 if n <= 100 else 1
+    return 3 if n <= 10 else 1
+
+
+def run_solve_only(model: str, n: int, seed: int = 0) -> dict:
+    """ConceptEdit's work after the keys (shared Cholesky solve + per-layer factors, as in
+    ``uce_delta``) on random keys of the model's width: no text encoder is built."""
+    from concept_edit.delta import LayerDelta
+    from concept_edit.solvers.uce import uce_solve
+
+    gen = torch.Generator().manual_seed(seed)
+    weights = edit_layer_weights(build_pipeline(model, seed, unet_only=True))
+    d = next(iter(weights.values())).shape[1]
+    K, T, P = (torch.randn(n, d, generator=gen) for _ in range(3))
+    gc.collect()
+    res = {"model": model, "n": n, "variant": "solve", "peak_reset": reset_peak(), "rss_before_mb": round(_status("VmRSS"), 1)}
+    t, c = time.perf_counter(), time.process_time()
+    sol = uce_solve(K, T, P, lam=LAM, erase_scale=ERASE_SCALE, preserve_scale=PRESERVE_SCALE)
+    t_solve = time.perf_counter() - t
+    out = {name: LayerDelta(*(x.float() for x in sol.layer_factors(W))).compact() for name, W in weights.items()}
+    res.update(seconds=time.perf_counter() - t, cpu_seconds=time.process_time() - c, solve_s=t_solve,
+               peak_mb=round(peak_mb(), 1), layers=len(out), load_avg=os.getloadavg()[0])
+    return res
 
 
 def run_variant(model: str, n: int, variant: str, workdir: Path, seed: int = 0, repeats: int | None = None,
                 cache: bool = False, threads: int | None = None) -> dict:
     if threads:
         torch.set_num_threads(threads)
+    if variant == "solve":
+        return run_solve_only(model, n, seed)
     torch.manual_seed(seed)
     t = time.perf_counter()
     pipe = _PIPES.get(model) if cache else None
@@ -487,16 +510,36 @@ def run_variant(model: str, n: int, variant: str, workdir: Path, seed: int = 0, 
 
 
 # ----------------------------------------------------------------------------- driver
-def run_worker(spec: dict, inprocess: bool, timeout: float) -> dict:
+def run_spec(spec: dict, cache: bool) -> list[dict]:
+    """Run spec["variants"] in order in this process (the pipeline is built once per process)."""
+    out = []
+    for v in spec["variants"]:
+        try:
+            out.append(run_variant(spec["model"], spec["n"], v, Path(spec["workdir"]), repeats=spec.get("repeats"),
+                                   cache=cache or len(spec["variants"]) > 1, threads=spec.get("threads")))
+        except Exception as e:  # noqa: BLE001 - reported in the results, the run goes on
+            out.append({"model": spec["model"], "n": spec["n"], "variant": v, "error": repr(e)})
+        print(json.dumps(out[-1]), flush=True)
+        gc.collect()
+    return out
+
+
+def run_worker(spec: dict, inprocess: bool, timeout: float) -> list[dict]:
     if inprocess:
-        return run_variant(spec["model"], spec["n"], spec["variant"], Path(spec["workdir"]), repeats=spec.get("repeats"),
-                           cache=True, threads=spec.get("threads"))
+        return run_spec(spec, cache=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-    if p.returncode != 0 or not lines:
-        return {**spec, "error": (p.stderr or p.stdout)[-2000:]}
-    return json.loads(lines[-1])
+    # a fixed mmap threshold makes glibc return every freed tensor to the OS at once, so the
+    # peak (VmHWM, reset before each variant) of one variant is not hidden by another's heap
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        stdout, err = p.stdout, (p.stderr or p.stdout)[-2000:] if p.returncode else ""
+    except subprocess.TimeoutExpired as e:
+        stdout, err = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout"
+    done = [json.loads(ln) for ln in stdout.splitlines() if ln.startswith("{")]
+    got = {r["variant"] for r in done}
+    return done + [{"model": spec["model"], "n": spec["n"], "variant": v, "error": err or "no result"}
+                   for v in spec["variants"] if v not in got]
 
 
 def extrapolate_ref(measured: dict, n: int) -> dict:
@@ -510,8 +553,10 @@ def extrapolate_ref(measured: dict, n: int) -> dict:
         "guide_outputs": ph["guide_outputs"] * (n + 1) / (m + 1),
         "accumulate": ph["accumulate"] * n / m,
     }
-    return {"model": measured["model"], "n": n, "variant": "ref", "extrapolated_from": m,
-            "phases": est, "seconds": sum(est.values()), "peak_mb": None}
+    sec = sum(est.values())
+    cpu = measured.get("cpu_seconds")
+    return {"model": measured["model"], "n": n, "variant": "ref", "extrapolated_from": m, "phases": est,
+            "seconds": sec, "cpu_seconds": cpu * sec / measured["seconds"] if cpu else None, "peak_mb": None}
 
 
 def summarise(results: list[dict]) -> dict:
@@ -534,6 +579,12 @@ def summarise(results: list[dict]) -> dict:
         row["ce16_over_floor16"] = ratio(row["ce16"], row["floor16"])
         row["ref_over_ce32"] = ratio(row["ref"], row["ce32"])
         row["ref_over_ce16"] = ratio(row["ref"], row["ce16"])
+        for k in VARIANTS:
+            row[k + "_cpu"] = g(k, "cpu_seconds")
+        row["ce32_over_floor32_cpu"] = ratio(row["ce32_cpu"], row["floor32_cpu"])
+        row["ce16_over_floor16_cpu"] = ratio(row["ce16_cpu"], row["floor16_cpu"])
+        row["ref_over_ce32_cpu"] = ratio(row["ref_cpu"], row["ce32_cpu"])
+        row["load_avg"] = max([x.get("load_avg") or 0 for x in v.values()])
         row["delta_rel_err_bf16"] = g("ce16", "delta_rel_err_bf16")
         row["key_rel_err_bf16"] = g("ce16", "key_rel_err_bf16")
         row["check_ref_vs_ce"] = g("ref", "check_ref_vs_ce")
@@ -547,14 +598,19 @@ def _fmt(x, f="{:.2f}"):
 
 
 def markdown(summary: dict) -> str:
-    out = ["| model | N | floor fp32 s | floor bf16 s | CE fp32 s | CE bf16 s | ref s | CE32/floor32 | CE16/floor16 | ref/CE32 | ref/CE16 | bf16 Δ rel err |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["Wall-clock seconds (best of k) and ratios; in brackets the same ratio in process CPU seconds, which the "
+           "other jobs on the shared cores disturb less. `*` = extrapolated, see below.", "",
+           "| model | N | floor fp32 s | floor bf16 s | CE fp32 s | CE bf16 s | ref s | CE32/floor32 | CE16/floor16 | ref/CE32 | ref/CE16 | bf16 Δ rel err | load |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         ref = _fmt(r["ref"], "{:.1f}") + ("*" if r["ref_extrapolated_from"] else "")
+        cpu = lambda k, f="{:.2f}": "" if r[k] is None else f" [{f.format(r[k])}]"  # noqa: E731
         out.append(
             f"| {r['model']} | {r['n']} | {_fmt(r['floor32'])} | {_fmt(r['floor16'])} | {_fmt(r['ce32'])} | {_fmt(r['ce16'])} "
-            f"| {ref} | {_fmt(r['ce32_over_floor32'])} | {_fmt(r['ce16_over_floor16'])} | {_fmt(r['ref_over_ce32'], '{:.1f}')} "
-            f"| {_fmt(r['ref_over_ce16'], '{:.1f}')} | {_fmt(r['delta_rel_err_bf16'], '{:.1e}')} |"
+            f"| {ref} | {_fmt(r['ce32_over_floor32'])}{cpu('ce32_over_floor32_cpu')} "
+            f"| {_fmt(r['ce16_over_floor16'])}{cpu('ce16_over_floor16_cpu')} "
+            f"| {_fmt(r['ref_over_ce32'], '{:.1f}')}{cpu('ref_over_ce32_cpu', '{:.1f}')} "
+            f"| {_fmt(r['ref_over_ce16'], '{:.1f}')} | {_fmt(r['delta_rel_err_bf16'], '{:.1e}')} | {r['load_avg']:.1f} |"
         )
     out += ["", "Peak resident memory during the measured call, MB (resident before the call in parentheses):", "",
             "| model | N | floor fp32 | floor bf16 | CE fp32 | CE bf16 | ref |", "|---|---|---|---|---|---|---|"]
@@ -611,7 +667,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--ref-max-n", default=None, help="model=N,... beyond which the reference is extrapolated "
                     f"(default {REF_MAX_N})")
-    ap.add_argument("--inprocess", action="store_true", help="no subprocess per variant (memory less isolated)")
+    ap.add_argument("--inprocess", action="store_true", help="no subprocesses at all (memory less isolated)")
+    ap.add_argument("--isolate", choices=["variant", "n"], default="variant",
+                    help="fresh subprocess per (model, N, variant) [default], or per (model, N) with the "
+                         "variants run in turn (peak reset between them; saves a model load per variant)")
     ap.add_argument("--out", default=None, help="results JSON (default: a temp file)")
     ap.add_argument("--plot", default=None, help="PNG path for the time-vs-N plot")
     ap.add_argument("--timeout", type=float, default=3600)
@@ -621,9 +680,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
-        spec = json.loads(a.worker)
-        print(json.dumps(run_variant(spec["model"], spec["n"], spec["variant"], Path(spec["workdir"]),
-                                     repeats=spec.get("repeats"), threads=spec.get("threads"))))
+        run_spec(json.loads(a.worker), cache=False)
         return {}
     if a.quick:
         a.models, a.n = a.models or "tiny-sd1,tiny-sdxl", a.n or "1,4"
@@ -643,28 +700,33 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="uce_bench_") as wd:
         for model in models:
             for n in ns:
-                for v in variants:
-                    if v == "ref" and n > ref_max.get(model, 10**9):
-                        done = [r for r in results if r["model"] == model and r["variant"] == "ref" and "phases" in r
-                                and "extrapolated_from" not in r]
-                        if done:
-                            results.append(extrapolate_ref(max(done, key=lambda r: r["n"]), n))
-                            print(f"[{model} N={n} ref] extrapolated from N={results[-1]['extrapolated_from']}: "
-                                  f"{results[-1]['seconds']:.1f}s", flush=True)
-                        continue
-                    spec = {"model": model, "n": n, "variant": v, "workdir": wd, "repeats": a.repeats, "threads": a.threads}
+                # ref beyond ref_max is extrapolated in finish() from the largest measured N
+                todo = [v for v in variants if not (v == "ref" and n > ref_max.get(model, 10**9))]
+                groups = [todo] if a.isolate == "n" else [[v] for v in todo]
+                for group in groups:
+                    spec = {"model": model, "n": n, "variants": group, "workdir": wd, "repeats": a.repeats,
+                            "threads": a.threads}
                     t = time.perf_counter()
-                    r = run_worker(spec, a.inprocess, a.timeout)
-                    results.append(r)
-                    msg = r.get("error", "").strip().splitlines()[-1:] if "error" in r else ""
-                    print(f"[{model} N={n} {v}] {r.get('seconds', float('nan')):.2f}s peak {r.get('peak_mb')} MB "
-                          f"(wall {time.perf_counter() - t:.0f}s) {msg}", flush=True)
+                    rs = run_worker(spec, a.inprocess, a.timeout)
+                    results += rs
+                    for r in rs:
+                        msg = r.get("error", "").strip().splitlines()[-1:] if "error" in r else ""
+                        print(f"[{model} N={n} {r['variant']}] {r.get('seconds', float('nan')):.2f}s "
+                              f"peak {r.get('peak_mb')} MB {msg}", flush=True)
+                    print(f"  (worker wall {time.perf_counter() - t:.0f}s)", flush=True)
                     if out:  # partial results survive an interrupted run
                         out.write_text(json.dumps({"results": results}, indent=1, default=str))
     return finish(results, out, a.plot)
 
 
 def finish(results: list[dict], out: Path | None, plot_path: str | None) -> dict:
+    results = [r for r in results if "extrapolated_from" not in r]
+    for model, n in sorted({(r["model"], r["n"]) for r in results if "error" not in r}):
+        if any(r["model"] == model and r["n"] == n and r["variant"] == "ref" and "error" not in r for r in results):
+            continue
+        done = [r for r in results if r["model"] == model and r["variant"] == "ref" and "phases" in r and r["n"] < n]
+        if done:
+            results.append(extrapolate_ref(max(done, key=lambda r: r["n"]), n))
     summary = summarise(results)
     summary["results"] = results
     summary["machine"] = {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
