@@ -318,6 +318,21 @@ class Bench:
                 "crowned_before": before, "crowned_after": after}
 
 
+def _model_warning() -> list[str]:
+    from concept_edit.testbed import ASSETS
+
+    meta = ASSETS / "testbed.json"
+    if not meta.exists():
+        return []
+    ev = json.loads(meta.read_text()).get("evaluation", {})
+    acc = ev.get("head_train_templates", {}).get("top1")
+    if acc is None or acc >= 0.8:
+        return [f"Unedited model: {acc:.0%} of generations show the prompted object (training templates)." if acc else ""]
+    return ["", f"**Warning: the bundled model is undertrained: only {acc:.0%} of its unedited generations show the "
+            "prompted object (bar: 80%), so p_M is near zero and these numbers do NOT measure edit quality yet. "
+            "They show the benchmark runs end to end. Re-run after training longer (testbed/README.md).**", ""]
+
+
 def write_report(res: dict, out_dir: Path, cmd: str):
     import matplotlib
 
@@ -327,6 +342,7 @@ def write_report(res: dict, out_dir: Path, cmd: str):
     lines = ["# Edit quality on the testbed model", "",
              f"Reproduce: `{cmd}` (seeded; {res['seconds'] / 60:.1f} min on this machine's 2 CPU cores).", "",
              "Model: `concept_edit/testbed/assets/model` (see `testbed/README.md`); scores from the testbed classifier.",
+             *_model_warning(),
              "p = classifier probability of the concept; SF/S2D on training templates (tpl) and held-out paraphrases (para);",
              "HD/AL2D/PD on held-out paraphrases; PD = mean absolute pixel change of holdout generations (same seeds).", "",
              "## Arbitrary concept editing (replace source -> destination)", "",
