@@ -52,7 +52,10 @@ class KeyEncoder:
             raise PromptTooLongError(p.text, len(ids) + 2, self.model.max_tokens)
         if self.eos in ids:  # tokenizers map words they do not know to the unknown (=EOS) token
             raise UnknownConceptError(f"prompt {p.text!r} contains words this model's tokenizer does not know")
-        n_sub = len(self.model.token_ids(p.text[: p.subject_end])) if p.subject_end else 0
+        if p.subject_end == len(p.text):
+            n_sub = len(ids)  # the concept ends the prompt: no second tokenization
+        else:
+            n_sub = len(self.model.token_ids(p.text[: p.subject_end])) if p.subject_end else 0
         return ids, n_sub
 
     def _encode(self, seqs: list[tuple[int, ...]]) -> dict[tuple[int, ...], torch.Tensor]:

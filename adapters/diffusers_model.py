@@ -114,30 +114,28 @@ class DiffusersModel(EditableModel):
     def encode_ids(self, id_lists: list[list[int]]) -> list[torch.Tensor]:
         """Hidden states the UNet reads (L_i x key_dim, float32) for full id sequences (BOS..).
 
-        Sequences are batched by length and right-padded with EOS: CLIP is causal, so the
-        padding never changes earlier positions and each prompt costs only its real length.
+        Each prompt costs only its real length: last-token keys need just the prefix up to the
+        subject (CLIP is causal), and batches group prompts of equal length.
         """
         out: list[torch.Tensor | None] = [None] * len(id_lists)
-        order = sorted(range(len(id_lists)), key=lambda i: len(id_lists[i]))
-        eos = self.tokenizer.eos_token_id
+        # Batches hold prompts of one exact length: no padding at all (CLIP is causal, so padding
+        # would not change the states, but it would cost compute).
+        by_len: dict[int, list[int]] = {}
+        for i, ids in enumerate(id_lists):
+            by_len.setdefault(len(ids), []).append(i)
+        chunks = [g[s : s + self.batch_size] for _, g in sorted(by_len.items()) for s in range(0, len(g), self.batch_size)]
         dev = self.encoders[0].device
         ctx = (
             torch.autocast("cpu" if dev.type == "cpu" else dev.type, dtype=self.autocast_dtype)
             if self.autocast_dtype
             else contextlib.nullcontext()
         )
-        starts = range(0, len(order), self.batch_size)
-        for start in tqdm(starts, desc="encoding prompts", disable=len(starts) < 8, leave=False):
-            chunk = order[start : start + self.batch_size]
-            width = max(len(id_lists[i]) for i in chunk)
-            ids = torch.full((len(chunk), width), eos, dtype=torch.long)
-            for r, i in enumerate(chunk):
-                ids[r, : len(id_lists[i])] = torch.tensor(id_lists[i])
-            ids = ids.to(dev)
+        for chunk in tqdm(chunks, desc="encoding prompts", disable=len(chunks) < 8, leave=False):
+            ids = torch.tensor([id_lists[i] for i in chunk], dtype=torch.long, device=dev)
             with ctx:
                 hs = torch.cat([self._hidden(enc, ids).float() for enc in self.encoders], dim=-1)
             for r, i in enumerate(chunk):
-                out[i] = hs[r, : len(id_lists[i])].cpu()
+                out[i] = hs[r].cpu()
         return out  # type: ignore[return-value]
 
     def padded_ids(self, text: str) -> list[int]:
