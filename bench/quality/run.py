@@ -152,12 +152,11 @@ class Bench:
     # -- edits ---------------------------------------------------------------------------
     def apply(self, method, plan):
         from concept_edit.apply import apply_delta
-        from concept_edit.text_encoder_edit import layer_weights
 
         t0 = time.time()
         delta = method(self.model, plan)
         t_edit = time.time() - t0
-        h = apply_delta(delta, layer_weights(self.model, list(delta.layers)), check_fingerprint=False)
+        h = apply_delta(delta, self.model.weights(list(delta.layers)), check_fingerprint=False)
         return h, t_edit
 
     def preserve_names(self, sources):
@@ -404,6 +403,7 @@ def main(argv=None):
     ap.add_argument("--methods", default=None, help="comma list (default: uce,emcid,nullspace,nullspace-xattn,emcid+uce)")
     ap.add_argument("--counts", default=None)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--no-debias", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", type=Path, default=None, help="diffusers folder (default: the bundled testbed model)")
     a = ap.parse_args(argv)
@@ -427,7 +427,7 @@ def main(argv=None):
         res["style"][name] = b.style_erasure(fn, [1] if a.quick else [1, 5, 24])
         res["rectify"][name] = b.rectification(fn)
         print(f"  rectify: {res['rectify'][name]}", flush=True)
-    if "uce" in methods and not a.quick:
+    if "uce" in methods and not a.quick and not a.no_debias:
         res["debias"] = b.debias(per=16, n_images=8, iters=3)
         print(f"debias: {res['debias']}", flush=True)
     res["seconds"] = time.time() - t0
