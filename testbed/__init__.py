@@ -39,13 +39,20 @@ def load_testbed_pipeline(path: str | Path | None = None, dtype=None):
     from diffusers.utils import logging as dlog
 
     dlog.set_verbosity_error()
-    path = Path(path) if path else MODEL_DIR
+    path = Path(path) if path else model_dir()
     pipe = StableDiffusionPipeline.from_pretrained(
         path, safety_checker=None, requires_safety_checker=False, local_files_only=True,
         torch_dtype=dtype or torch.float32,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def model_dir() -> Path:
+    """The bundled model folder (``CONCEPT_EDIT_TESTBED_MODEL`` overrides it, e.g. for a training snapshot)."""
+    import os
+
+    return Path(os.environ.get("CONCEPT_EDIT_TESTBED_MODEL") or MODEL_DIR)
 
 
 def load_classifier(path: str | Path | None = None):
