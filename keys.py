@@ -44,6 +44,7 @@ class KeyEncoder:
         self.model = model
         tok = model.tokenizer
         self.bos, self.eos = tok.bos_token_id, tok.eos_token_id
+        self._cache: dict[tuple[int, ...], torch.Tensor] = {}
 
     def _content_ids(self, p: Prompt) -> tuple[list[int], int]:
         """(ids of the whole text, number of ids up to and including the subject)."""
@@ -59,16 +60,13 @@ class KeyEncoder:
         return ids, n_sub
 
     def _encode(self, seqs: list[tuple[int, ...]]) -> dict[tuple[int, ...], torch.Tensor]:
-        distinct = list(dict.fromkeys(seqs))
-        states = self.model.encode_ids([list(s) for s in distinct])
-        return dict(zip(distinct, states))
+        """States for each sequence; encodes (in one model call) only those not seen before."""
+        todo = [q for q in dict.fromkeys(seqs) if q not in self._cache]
+        if todo:
+            self._cache.update(zip(todo, self.model.encode_ids([list(q) for q in todo])))
+        return self._cache
 
-    def last_token_keys(self, prompts: list[Prompt], *, empty_all_tokens: bool = False) -> tuple[torch.Tensor, list[int]]:
-        """Keys at each prompt's last subject token; returns (keys, owner index per key row).
-
-        A prompt with no subject tokens (the empty concept) yields its BOS key, or with
-        ``empty_all_tokens`` both BOS and EOS (used for the "" preserve concept).
-        """
+    def _last_seqs(self, prompts: list[Prompt], empty_all_tokens: bool):
         seqs, owners = [], []
         for i, p in enumerate(prompts):
             ids, n_sub = self._content_ids(p)
@@ -78,8 +76,22 @@ class KeyEncoder:
             else:
                 seqs.append((self.bos, *ids[:n_sub]))
                 owners.append(i)
+        return seqs, owners
+
+    def prefetch(self, *groups: tuple[list[Prompt], bool]) -> None:
+        """Encode the last-token sequences of several prompt groups ``(prompts, empty_all_tokens)``
+        in one model call, so later lookups are free (one batching pass, one autocast region)."""
+        self._encode([q for prompts, empty in groups for q in self._last_seqs(prompts, empty)[0]])
+
+    def last_token_keys(self, prompts: list[Prompt], *, empty_all_tokens: bool = False) -> tuple[torch.Tensor, list[int]]:
+        """Keys at each prompt's last subject token; returns (keys, owner index per key row).
+
+        A prompt with no subject tokens (the empty concept) yields its BOS key, or with
+        ``empty_all_tokens`` both BOS and EOS (used for the "" preserve concept).
+        """
+        seqs, owners = self._last_seqs(prompts, empty_all_tokens)
         cache = self._encode(seqs)
-        return torch.stack([cache[s][-1] for s in seqs]), owners
+        return torch.stack([cache[q][-1] for q in seqs]), owners
 
     def _full(self, prompts: list[Prompt]):
         info = [self._content_ids(p) for p in prompts]

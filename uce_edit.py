@@ -22,8 +22,6 @@ def _targets_last(enc: KeyEncoder, plan: EditPlan, alphas: dict[str, list[float]
     """(K, T, weights) for last-token selection: one row per edit x template."""
     tpl = plan.templates
     src = [p for e in plan.edits for p in expand(e.source, tpl)]
-    K, _ = enc.last_token_keys(src)
-    rows = []
     need = []  # prompts whose keys build the targets
     for e in plan.edits:
         if e.kind in ("erase", "replace"):
@@ -33,7 +31,10 @@ def _targets_last(enc: KeyEncoder, plan: EditPlan, alphas: dict[str, list[float]
         else:
             for a in e.attributes:
                 need += expand(a, tpl)
+    enc.prefetch((src, False), (need, False), *_preserve_groups(plan))  # one encoding pass
+    K, _ = enc.last_token_keys(src)
     B, _ = enc.last_token_keys(need)
+    rows = []
     i = j = 0
     n = len(tpl)
     for e in plan.edits:
@@ -84,14 +85,21 @@ def edit_keys_and_targets(model: EditableModel, plan: EditPlan, alphas: dict[str
     return enc, K, T, w
 
 
-def preserve_keys(enc: KeyEncoder, plan: EditPlan) -> torch.Tensor | None:
-    prompts = [p for c in plan.preserve for p in expand(c, plan.templates)]
-    rows = []
-    if prompts:
-        rows.append(enc.last_token_keys(prompts)[0] if plan.token == "last" else enc.all_token_keys(prompts)[0])
+def _preserve_groups(plan: EditPlan) -> list[tuple[list[Prompt], bool]]:
+    """Preserve prompt groups as (prompts, empty_all_tokens): the user's concepts, then ""."""
+    groups = [([p for c in plan.preserve for p in expand(c, plan.templates)], False)]
     if plan.preserve_empty:
-        empty = [Prompt("", 0)]
-        rows.append(enc.last_token_keys(empty, empty_all_tokens=True)[0] if plan.token == "last" else enc.all_token_keys(empty)[0])
+        groups.append(([Prompt("", 0)], True))
+    return [g for g in groups if g[0]]
+
+
+def preserve_keys(enc: KeyEncoder, plan: EditPlan) -> torch.Tensor | None:
+    rows = []
+    for prompts, empty in _preserve_groups(plan):
+        if plan.token == "last":
+            rows.append(enc.last_token_keys(prompts, empty_all_tokens=empty)[0])
+        else:
+            rows.append(enc.all_token_keys(prompts)[0])
     return torch.cat(rows) if rows else None
 
 

@@ -130,12 +130,14 @@ class DiffusersModel(EditableModel):
             if self.autocast_dtype
             else contextlib.nullcontext()
         )
-        for chunk in tqdm(chunks, desc="encoding prompts", disable=len(chunks) < 8, leave=False):
-            ids = torch.tensor([id_lists[i] for i in chunk], dtype=torch.long, device=dev)
-            with ctx:
+        # One autocast region for all chunks: autocast caches its low-precision weight copies
+        # only until the outermost region exits.
+        with ctx:
+            for chunk in tqdm(chunks, desc="encoding prompts", disable=len(chunks) < 8, leave=False):
+                ids = torch.tensor([id_lists[i] for i in chunk], dtype=torch.long, device=dev)
                 hs = torch.cat([self._hidden(enc, ids).float() for enc in self.encoders], dim=-1)
-            for r, i in enumerate(chunk):
-                out[i] = hs[r].cpu()
+                for r, i in enumerate(chunk):
+                    out[i] = hs[r].cpu()
         return out  # type: ignore[return-value]
 
     def padded_ids(self, text: str) -> list[int]:
