@@ -404,6 +404,7 @@ def main(argv=None):
     ap.add_argument("--counts", default=None)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--no-debias", action="store_true")
+    ap.add_argument("--tasks", default="replace,erase,style,rectify,debias")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", type=Path, default=None, help="diffusers folder (default: the bundled testbed model)")
     a = ap.parse_args(argv)
@@ -419,22 +420,26 @@ def main(argv=None):
     corpus = caption_corpus(5_000 if a.quick else 50_000)
     methods = build_methods(names, corpus)
     res = {"counts": counts, "replace": {}, "erase": {}, "style": {}, "rectify": {}, "quick": a.quick}
+    tasks = set(a.tasks.split(","))
     for name, fn in methods.items():
         print(f"method {name}", flush=True)
-        res["replace"][name] = b.object_sweep(fn, counts, "replace")
-        if name == "uce" and not a.quick:
+        if "replace" in tasks:
+            res["replace"][name] = b.object_sweep(fn, counts, "replace")
+        if name == "uce" and not a.quick and "erase" in tasks:
             res["erase"][name] = b.object_sweep(fn, counts, "erase")
-        res["style"][name] = b.style_erasure(fn, [1] if a.quick else [1, 5, 24])
-        res["rectify"][name] = b.rectification(fn)
-        print(f"  rectify: {res['rectify'][name]}", flush=True)
-    if "uce" in methods and not a.quick and not a.no_debias:
+        if "style" in tasks:
+            res["style"][name] = b.style_erasure(fn, [1] if a.quick else [1, 5, 24])
+        if "rectify" in tasks:
+            res["rectify"][name] = b.rectification(fn)
+            print(f"  rectify: {res['rectify'][name]}", flush=True)
+    if "uce" in methods and not a.quick and not a.no_debias and "debias" in tasks:
         res["debias"] = b.debias(per=16, n_images=8, iters=3)
         print(f"debias: {res['debias']}", flush=True)
     res["seconds"] = time.time() - t0
     out = a.out or (HERE / ("quick" if a.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(res, indent=1))
-    cmd = "python bench/quality/run.py" + (" --quick" if a.quick else "")
+    cmd = "python " + " ".join(["bench/quality/run.py"] + (argv if argv is not None else sys.argv[1:]))
     write_report(res, out, cmd)
     print(f"done in {res['seconds'] / 60:.1f} min -> {out}")
     return res
