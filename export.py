@@ -25,15 +25,6 @@ def export_diffusers(pipe, model, delta: ConceptDelta, out_dir: str | Path, *, s
     return Path(out_dir)
 
 
-def ldm_key_map(single_file: str | Path, pipe) -> dict[str, str]:
-    """canonical layer name -> key in an original-layout (ldm/sgm) single-file checkpoint, for
-    the layers the engines edit (see :func:`concept_edit.ldm_layout.canonical_to_single_file_keys`).
-    ``pipe``: a pipeline, a local diffusers folder or configs; only names present in the file are kept."""
-    header, _ = L.read_safetensors_header(single_file)
-    family = L.detect_family(L.pipeline_configs(pipe) if L._is_pipeline(pipe) else {}, header)
-    return {k: v for k, v in L.canonical_to_single_file_keys(pipe, family=family).items() if v in header}
-
-
 def _canonical_part(name: str) -> str:
     """Delta layer name -> canonical parameter name used by the layout entries."""
     comp, _, sub = name.partition(".")

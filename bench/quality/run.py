@@ -175,7 +175,6 @@ class Bench:
             base = self.measure_objects(ev, self.dest, edited=False)
             if kind == "replace":
                 edits = [{"replace": s.name, "with": self.dest[s.index].name} for s in srcs]
-                edits += [{"replace": s.alias, "with": self.dest[s.index].name} for s in srcs if s.alias and not s.alias_rare][:0]
             else:
                 edits = [{"erase": s.name} for s in srcs]
             plan = plan_from_dict({"edits": edits, "preserve": self.preserve_names(srcs), "templates": EDIT_TEMPLATES})
