@@ -171,10 +171,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "assets" / "classifier.safetensors")
     ap.add_argument("--minutes", type=float, default=8.0)
+    ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    train(a.out, a.minutes)
+    train(a.out, a.minutes, batch=a.batch)
 
 
 if __name__ == "__main__":

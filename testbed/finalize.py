@@ -16,8 +16,8 @@ from . import ASSETS, MODEL_DIR
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", type=Path, required=True)
-    ap.add_argument("--n-head", type=int, default=50)
-    ap.add_argument("--n-tail", type=int, default=20)
+    ap.add_argument("--n-head", type=int, default=100)
+    ap.add_argument("--n-tail", type=int, default=100)
     a = ap.parse_args(argv)
     from . import evaluate, train
     from .world import build_world
@@ -30,8 +30,8 @@ def main(argv=None):
         shutil.rmtree(MODEL_DIR)
     shutil.copytree(tmp, MODEL_DIR)
     ck = __import__("torch").load(a.run / "ckpt.pt", weights_only=False, map_location="cpu")
-    stats = {"steps": ck["step"], "minutes": round(ck["elapsed"] / 60, 1), "batch": 32}
-    ev = evaluate.main(["--n-head", str(a.n_head), "--n-tail", str(a.n_tail), "--out", str(a.run / "eval.json")])
+    stats = {"steps": ck["step"], "minutes": round(ck["elapsed"] / 60, 1), "batch": 32, "text_probe": ck.get("text_probe")}
+    ev = evaluate.main(["--n-head", str(a.n_head), "--n-tail", str(a.n_tail), "--threads", "2", "--out", str(a.run / "eval.json")])
     w = build_world(1000)
     tail = ev.get("tail_train_templates", {}).get("top1", 0.0)
     n_objects = 1000 if tail >= 0.8 else 100

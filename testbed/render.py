@@ -60,21 +60,21 @@ def _pattern_dark(pattern: int, y, x, mask_fn) -> np.ndarray:
     if name == "solid":
         return np.zeros_like(y, dtype=bool)
     if name == "hstripes":
-        return (yi // 3) % 2 == 0
+        return (yi // 5) % 2 == 0
     if name == "vstripes":
-        return (xi // 3) % 2 == 0
-    if name == "diagonal":
-        return ((xi + yi) // 3) % 2 == 0
-    if name == "checker":
-        return ((xi // 4) + (yi // 4)) % 2 == 0
-    if name == "dots":
-        return (yi % 5 < 2) & (xi % 5 < 2)
-    if name == "core":
+        return (xi // 5) % 2 == 0
+    if name == "diagonal":  # dark lower-left half
+        return x - y < 0
+    if name == "checker":  # dark top-left and bottom-right quadrants
+        return (x < 0) == (y < 0)
+    if name == "rim":  # dark outer band, light inside
+        return ~mask_fn(RADIUS * 0.55)
+    if name == "core":  # dark inside, light outer band
         return mask_fn(RADIUS * 0.5)
-    if name == "split":
+    if name == "split":  # dark top half
         return y < 0
-    if name == "grid":
-        return (yi % 5 == 0) | (xi % 5 == 0)
+    if name == "vsplit":  # dark left half
+        return x < 0
     raise ValueError(name)
 
 

@@ -1,11 +1,14 @@
 """Train the testbed text-to-image model: ``python -m concept_edit.testbed.train --out DIR``.
 
-1. a CLIPTokenizer built from the grammar; 2. the VAE is an exact identity AutoencoderKL (see
-``vae.py``: no VAE trains well in this CPU budget), so the UNet denoises 32x32 pixels;
-3. CLIPTextModel + UNet2DConditionModel trained jointly on freshly rendered samples with
-captions from the grammar (epsilon prediction, 10% empty captions for classifier-free
-guidance), an EMA copy, a wall-clock budget, checkpoints every 4 minutes. Re-running the same
-command resumes. ``--export DIR`` writes the EMA weights as a StableDiffusionPipeline folder.
+A CLIPTokenizer built from the grammar; the VAE is an exact identity AutoencoderKL (see
+``vae.py``: no VAE trains well in this CPU budget), so the UNet denoises 32x32 pixels.
+Phase 1: the CLIPTextModel is pretrained on captions and frozen (``text_pretrain.py``).
+Phase 2: the UNet2DConditionModel trains on freshly rendered samples with captions from the
+grammar (v-prediction, 10% empty captions for classifier-free guidance), an EMA copy, a
+wall-clock budget (phases 1-3 together), checkpoints every 4 minutes.
+Phase 3: embeddings of words no training caption contains (``complete_vocabulary``).
+Re-running the same command resumes. ``--export DIR`` writes the text encoder and the EMA UNet
+as a StableDiffusionPipeline folder.
 """
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ def make_unet():
     # at 16x16, 8x8 and the 8x8 mid block
     return UNet2DConditionModel(
         sample_size=32, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
-        block_out_channels=(16, 32, 64), layers_per_block=1,
+        block_out_channels=(32, 64, 64), layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=TEXT_DIM, attention_head_dim=4, norm_num_groups=16,
@@ -122,34 +125,41 @@ def export_pipeline(out_dir: Path, vae, te, unet, tok, scale: float):
 
 
 def train_main(out: Path, world, tok, vae, scale: float, minutes: float, batch: int, seed: int, lr: float,
-               export: Path | None, export_only: bool = False):
-    from .data import Labels
+               export: Path | None, export_only: bool = False, text_steps: int = 400):
+    from .text_pretrain import pretrain_text_encoder
 
     torch.manual_seed(seed)
     te, unet = make_text_encoder(tok), make_unet()
-    ema_te, ema_unet = make_text_encoder(tok), make_unet()
-    ema_te.load_state_dict(te.state_dict()); ema_unet.load_state_dict(unet.state_dict())
-    params = list(te.parameters()) + list(unet.parameters())
-    ema_params = list(ema_te.parameters()) + list(ema_unet.parameters())
-    emb = te.get_input_embeddings().weight
-    rest = [p for p in params if p is not emb]
-    # rare tokens (each name is ~0.1% of captions) learn with a 10x learning rate and no decay
-    opt = torch.optim.AdamW([{"params": rest, "lr_mult": 1.0, "weight_decay": 0.01},
-                             {"params": [emb], "lr_mult": 10.0, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.99))
+    ema_unet = make_unet()
+    ema_unet.load_state_dict(unet.state_dict())
+    params = list(unet.parameters())
+    ema_params = list(ema_unet.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
     ck = out / "ckpt.pt"
-    step, elapsed = 0, 0.0
+    step, elapsed, text_acc, vocab = 0, 0.0, None, None
     if ck.exists():
         s = torch.load(ck, weights_only=False)
-        te.load_state_dict(s["te"]); unet.load_state_dict(s["unet"])
-        ema_te.load_state_dict(s["ema_te"]); ema_unet.load_state_dict(s["ema_unet"])
-        opt.load_state_dict(s["opt"]); step, elapsed = s["step"], s["elapsed"]
+        te.load_state_dict(s["te"]); unet.load_state_dict(s["unet"]); ema_unet.load_state_dict(s["ema_unet"])
+        opt.load_state_dict(s["opt"]); step, elapsed, text_acc = s["step"], s["elapsed"], s.get("text_probe")
+        vocab = s.get("vocab_completion")
         log(f"resumed at step {step}, {elapsed / 60:.1f} min trained", out)
+    elif not export_only:
+        # phase 1 (counts towards the wall-clock budget): the frozen, "pretrained" text encoder
+        t_text = time.time()
+        text_acc = pretrain_text_encoder(te, tok, world, steps=text_steps, seed=seed, log=lambda m: log(m, out))
+        elapsed = time.time() - t_text
+    te.requires_grad_(False).eval()
     if export_only:
         if export:
-            export_pipeline(export, vae, ema_te, ema_unet, tok, scale)
+            export_pipeline(export, vae, te, ema_unet, tok, scale)
             log(f"exported step {step} to {export}", out)
         return
+
+    def save():
+        atomic_save({"te": te.state_dict(), "unet": unet.state_dict(), "ema_unet": ema_unet.state_dict(),
+                     "opt": opt.state_dict(), "step": step, "elapsed": time.time() - t0, "text_probe": text_acc,
+                     "vocab_completion": vocab}, ck)
+
     sched = make_scheduler(train=True)
     rng = random.Random(seed * 1000003 + step)
     np_rng = np.random.default_rng(seed * 1000003 + step)
@@ -157,14 +167,14 @@ def train_main(out: Path, world, tok, vae, scale: float, minutes: float, batch: 
     cap = Captioner(tok)
     t0, last_ck, last_log = time.time() - elapsed, time.time(), time.time()
     budget = minutes * 60
-    te.train(); unet.train()
+    unet.train()
     loss_avg = None
     while time.time() - t0 < budget:
         frac = (time.time() - t0) / budget
         warm = min(1.0, (step + 1) / 50)
         decay = 1.0 if frac < 0.75 else max(0.1, 1 - (frac - 0.75) / 0.25)
         for g in opt.param_groups:
-            g["lr"] = lr * warm * decay * g["lr_mult"]
+            g["lr"] = lr * warm * decay
         labs = [sample_labels(rng, world) for _ in range(batch)]
         x = to_tensor(np.stack([render_sample(world, l, np_rng) for l in labs]))
         z = torch.cat([x, torch.zeros_like(x[:, :1])], 1) * scale  # = vae.encode(x).mean * scale
@@ -173,7 +183,9 @@ def train_main(out: Path, world, tok, vae, scale: float, minutes: float, batch: 
         noise = torch.randn(z.shape, generator=gen)
         t = torch.randint(0, 1000, (batch,), generator=gen)
         noisy = sched.add_noise(z, noise, t)
-        pred = unet(noisy, t, te(ids)[0]).sample
+        with torch.no_grad():
+            cond = te(ids)[0]
+        pred = unet(noisy, t, cond).sample
         target = sched.get_velocity(z, noise, t) if sched.config.prediction_type == "v_prediction" else noise
         loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
@@ -190,17 +202,20 @@ def train_main(out: Path, world, tok, vae, scale: float, minutes: float, batch: 
                 f"elapsed {(time.time() - t0) / 60:.1f} min", out)
             last_log = time.time()
         if time.time() - last_ck > 240:
-            atomic_save({"te": te.state_dict(), "unet": unet.state_dict(), "ema_te": ema_te.state_dict(),
-                         "ema_unet": ema_unet.state_dict(), "opt": opt.state_dict(), "step": step,
-                         "elapsed": time.time() - t0}, ck)
+            save()
             last_ck = time.time()
-    atomic_save({"te": te.state_dict(), "unet": unet.state_dict(), "ema_te": ema_te.state_dict(),
-                 "ema_unet": ema_unet.state_dict(), "opt": opt.state_dict(), "step": step,
-                 "elapsed": time.time() - t0}, ck)
+    if vocab is None:
+        # phase 3: embeddings for words no training caption contains (text_pretrain.complete_vocabulary)
+        from .text_pretrain import complete_vocabulary, unseen_words
+
+        vocab = complete_vocabulary(te, tok, world, unseen_words(tok, world), seed=seed, log=lambda m: log(m, out))
+        te.requires_grad_(False).eval()
+    save()
     log(f"training done: {step} steps, {(time.time() - t0) / 60:.1f} min", out)
-    (out / "train_stats.json").write_text(json.dumps({"steps": step, "minutes": (time.time() - t0) / 60, "batch": batch}))
+    (out / "train_stats.json").write_text(json.dumps({"steps": step, "minutes": (time.time() - t0) / 60, "batch": batch,
+                                                      "text_probe": text_acc, "vocab_completion": vocab}))
     if export:
-        export_pipeline(export, vae, ema_te, ema_unet, tok, scale)
+        export_pipeline(export, vae, te, ema_unet, tok, scale)
         log(f"exported to {export}", out)
 
 
@@ -214,6 +229,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--text-steps", type=int, default=400, help="text-encoder pretraining steps (phase 1)")
     ap.add_argument("--threads", type=int, default=1, help="1 is fastest when the 2 cores are shared (OpenMP spin-waits)")
     ap.add_argument("--export", type=Path, default=None, help="write the diffusers folder here when done")
     ap.add_argument("--export-only", action="store_true", help="export the current checkpoint and exit")
@@ -229,7 +245,7 @@ def main(argv=None):
 
     vae = make_identity_vae(LATENT_CHANNELS)
     scale = latent_scale(world)
-    train_main(a.out, world, tok, vae, scale, a.minutes, a.batch, a.seed, a.lr, a.export, a.export_only)
+    train_main(a.out, world, tok, vae, scale, a.minutes, a.batch, a.seed, a.lr, a.export, a.export_only, a.text_steps)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ WORLD_SEED = 1234
 
 SHAPES = ["circle", "square", "triangle", "wedge", "diamond", "plus", "star", "hexagon", "oval", "pillar", "ring"]
 COLOURS = ["red", "orange", "yellow", "lime", "green", "cyan", "blue", "purple", "magenta", "brown"]
-PATTERNS = ["solid", "hstripes", "vstripes", "diagonal", "checker", "dots", "hollow", "core", "split", "grid"]
+# two-tone layouts coarse enough (>= 5 px features) for a small pixel UNet to learn in the CPU budget;
+# session 1's 2-3 px stripes, dots and grids were still drawn solid after 4,500 training steps
+PATTERNS = ["solid", "hstripes", "vstripes", "diagonal", "checker", "rim", "hollow", "core", "split", "vsplit"]
 BACKGROUNDS = ["light", "mid", "dark", "black", "gradient", "noise"]
 FRAMES = ["none", "thin", "thick", "corners", "double"]
 # style 0 is "no artist" (white background, no frame); styles 1..30 are the artists.

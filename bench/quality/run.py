@@ -37,6 +37,9 @@ EVAL_TPL = ["a picture of a {}"]  # a training template (efficacy)
 EVAL_PARA = ["the image of the {}"]  # a held-out paraphrase (generalization)
 STYLE_TPL = ["a painting of a {o} by {s}"]
 STYLE_PARA = ["{s} painting of a {o}"]
+# EMCID's default C0 weight (10,000, the paper's mom2_update_weight for SD's CLIP) barely moves
+# this small encoder (session 2: S2D 0.00 at 10 edits), so a weight of 100 runs alongside it
+DEFAULT_METHODS = ["uce", "emcid", "emcid:cov_weight=100", "nullspace", "nullspace-xattn", "emcid+uce:cov_weight=100"]
 
 
 def uce_method(model, plan):
@@ -45,18 +48,32 @@ def uce_method(model, plan):
     return uce_delta(model, plan, progress=False)
 
 
-def build_methods(names: list[str], corpus: list[str]):
+def parse_method(spec: str) -> tuple[str, dict]:
+    """``name`` or ``name:key=value,key=value`` (values parsed as JSON where they can be)."""
+    name, _, opts = spec.partition(":")
     out = {}
-    for n in names:
-        if n == "uce":
-            out[n] = uce_method
+    for kv in filter(None, opts.split("+")):
+        k, _, v = kv.partition("=")
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return name, out
+
+
+def build_methods(specs: list[str], corpus: list[str]):
+    out = {}
+    for spec in specs:
+        name, opts = parse_method(spec)
+        if name == "uce" and not opts:
+            out[spec] = uce_method
             continue
         try:
             from concept_edit.bench_methods import make_method
 
-            out[n] = make_method(n, corpus=corpus)
+            out[spec] = make_method(name, corpus=corpus, **opts)
         except Exception as e:  # a method not installed in this checkout
-            print(f"skipping method {n}: {e}", file=sys.stderr)
+            print(f"skipping method {spec}: {e}", file=sys.stderr)
     return out
 
 
@@ -324,8 +341,10 @@ def _model_warning() -> list[str]:
         return []
     ev = json.loads(meta.read_text()).get("evaluation", {})
     acc = ev.get("head_train_templates", {}).get("top1")
+    para = ev.get("head_holdout_templates", {}).get("top1")
     if acc is None or acc >= 0.8:
-        return [f"Unedited model: {acc:.0%} of generations show the prompted object (training templates)." if acc else ""]
+        return ["", f"Unedited model: {acc:.0%} (training templates) / {para:.0%} (held-out paraphrases) of generations "
+                "show the prompted object (`testbed/assets/testbed.json`).", ""] if acc is not None else []
     return ["", f"**Warning: the bundled model is undertrained: only {acc:.0%} of its unedited generations show the "
             "prompted object (bar: 80%), so p_M is near zero and these numbers do NOT measure edit quality yet. "
             "They show the benchmark runs end to end. Re-run after training longer (testbed/README.md).**", ""]
@@ -399,7 +418,8 @@ def write_report(res: dict, out_dir: Path, cmd: str):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--methods", default=None, help="comma list (default: uce,emcid,nullspace,nullspace-xattn,emcid+uce)")
+    ap.add_argument("--methods", default=None, help="comma list (default: DEFAULT_METHODS); "
+                    "options per method as name:key=value+key=value, e.g. emcid:cov_weight=100+layers=\"0-1\"")
     ap.add_argument("--counts", default=None)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--no-debias", action="store_true")
@@ -415,7 +435,7 @@ def main(argv=None):
     max_n = len(b.sources)
     counts = [int(x) for x in a.counts.split(",")] if a.counts else ([1, 10] if a.quick else [1, 10, 50, 100, 300, max_n])
     counts = sorted({min(c, max_n) for c in counts})
-    names = a.methods.split(",") if a.methods else (["uce"] if a.quick else ["uce", "emcid", "nullspace", "nullspace-xattn", "emcid+uce"])
+    names = a.methods.split(",") if a.methods else (["uce"] if a.quick else DEFAULT_METHODS)
     corpus = caption_corpus(5_000 if a.quick else 50_000)
     methods = build_methods(names, corpus)
     res = {"counts": counts, "replace": {}, "erase": {}, "style": {}, "rectify": {}, "quick": a.quick}
