@@ -45,7 +45,7 @@ def log(msg: str, out: Path | None = None):
             f.write(line + "\n")
 
 
-def make_unet():
+def make_unet(cross_dim: int = TEXT_DIM):
     from diffusers import UNet2DConditionModel
 
     # pixel-space (the VAE is an exact identity, see vae.py): 32x32 -> 16 -> 8, cross-attention
@@ -55,16 +55,16 @@ def make_unet():
         block_out_channels=(32, 64, 64), layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=TEXT_DIM, attention_head_dim=4, norm_num_groups=16,
+        cross_attention_dim=cross_dim, attention_head_dim=4, norm_num_groups=16,
     )
 
 
-def make_text_encoder(tok):
+def make_text_encoder(tok, dim: int = TEXT_DIM, layers: int = 2, mlp: int = 2 * TEXT_DIM):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     cfg = CLIPTextConfig(
-        vocab_size=len(tok.get_vocab()), hidden_size=TEXT_DIM, intermediate_size=2 * TEXT_DIM,
-        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77, projection_dim=TEXT_DIM,
+        vocab_size=len(tok.get_vocab()), hidden_size=dim, intermediate_size=mlp,
+        num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=77, projection_dim=dim,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
     return CLIPTextModel(cfg)
@@ -125,12 +125,12 @@ def export_pipeline(out_dir: Path, vae, te, unet, tok, scale: float):
 
 
 def train_main(out: Path, world, tok, vae, scale: float, minutes: float, batch: int, seed: int, lr: float,
-               export: Path | None, export_only: bool = False, text_steps: int = 400):
+               export: Path | None, export_only: bool = False, text_steps: int = 400, text_shape=(TEXT_DIM, 2, 2 * TEXT_DIM)):
     from .text_pretrain import pretrain_text_encoder
 
     torch.manual_seed(seed)
-    te, unet = make_text_encoder(tok), make_unet()
-    ema_unet = make_unet()
+    te = make_text_encoder(tok, *text_shape)
+    unet, ema_unet = make_unet(text_shape[0]), make_unet(text_shape[0])
     ema_unet.load_state_dict(unet.state_dict())
     params = list(unet.parameters())
     ema_params = list(ema_unet.parameters())
@@ -230,6 +230,11 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--text-steps", type=int, default=400, help="text-encoder pretraining steps (phase 1)")
+    # the shipped model: 128 wide, 2 layers, MLP 256. The fc2 keys (MLP width) bound how many
+    # concepts one layer's closed-form edit can move independently (bench/quality/FINDINGS.md)
+    ap.add_argument("--text-dim", type=int, default=TEXT_DIM)
+    ap.add_argument("--text-layers", type=int, default=2)
+    ap.add_argument("--text-mlp", type=int, default=2 * TEXT_DIM)
     ap.add_argument("--threads", type=int, default=1, help="1 is fastest when the 2 cores are shared (OpenMP spin-waits)")
     ap.add_argument("--export", type=Path, default=None, help="write the diffusers folder here when done")
     ap.add_argument("--export-only", action="store_true", help="export the current checkpoint and exit")
@@ -245,7 +250,8 @@ def main(argv=None):
 
     vae = make_identity_vae(LATENT_CHANNELS)
     scale = latent_scale(world)
-    train_main(a.out, world, tok, vae, scale, a.minutes, a.batch, a.seed, a.lr, a.export, a.export_only, a.text_steps)
+    train_main(a.out, world, tok, vae, scale, a.minutes, a.batch, a.seed, a.lr, a.export, a.export_only, a.text_steps,
+               (a.text_dim, a.text_layers, a.text_mlp))
 
 
 if __name__ == "__main__":
