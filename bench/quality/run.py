@@ -293,7 +293,7 @@ class Bench:
             print(f"  style n={n}: {rows[-1]}", flush=True)
         return rows
 
-    def debias(self, per: int, n_images: int = 8, iters: int = 3):
+    def debias(self, per: int, n_images: int = 8, iters: int = 6):
         """UCE debias of every profession towards 50/50 crowned/bare, alphas fitted with the classifier."""
         from concept_edit.apply import apply_delta
         from concept_edit.debias import fit_debias
@@ -452,7 +452,7 @@ def main(argv=None):
             res["rectify"][name] = b.rectification(fn)
             print(f"  rectify: {res['rectify'][name]}", flush=True)
     if "uce" in methods and not a.quick and not a.no_debias and "debias" in tasks:
-        res["debias"] = b.debias(per=16, n_images=8, iters=3)
+        res["debias"] = b.debias(per=16, n_images=8, iters=6)
         print(f"debias: {res['debias']}", flush=True)
     res["seconds"] = time.time() - t0
     out = a.out or (HERE / ("quick" if a.quick else ""))
