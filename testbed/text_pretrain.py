@@ -40,23 +40,36 @@ class Probe(torch.nn.Module):
         return {k: float((self.heads[k](h).argmax(-1) == targets[k]).float().mean()) for k in factors}
 
 
+def word_id(tok, word: str) -> int:
+    """Token id of a grammar word (the testbed tokenizer makes every word one token)."""
+    return tok.convert_tokens_to_ids(word + "</w>")
+
+
+def encode(tok, captions: list[str]) -> torch.Tensor:
+    return torch.tensor(tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids)
+
+
+def token_positions(tok, world: World, row: list[int], lab) -> tuple[int, int, int]:
+    """(name token, artist token or -1, first end-of-text token) in one caption's token ids."""
+    c = lab.concept(world)
+    names = {word_id(tok, n) for n in (c.name, c.alias) if n}
+    subj = next(i for i, x in enumerate(row) if x in names)
+    sty = row.index(word_id(tok, world.styles[lab.style].name)) if lab.style else -1
+    return subj, sty, row.index(tok.eos_token_id)
+
+
 def _batch(rng: random.Random, world: World, tok, n: int):
     """Captions (never empty) with token positions of subject, artist, first EOS, and targets."""
     labs = [sample_labels(rng, world) for _ in range(n)]
-    caps = [caption_for(rng, world, l) for l in labs]
-    ids = torch.tensor(tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids)
-    word_ids = {tok.convert_tokens_to_ids(w + "</w>"): k for k, w in enumerate(("bare", "crowned"), 1)}
+    ids = encode(tok, [caption_for(rng, world, l) for l in labs])
+    word_ids = {word_id(tok, w): k for k, w in enumerate(("bare", "crowned"), 1)}
     subj, style_pos, eos = [], [], []
     t = {k: [] for k, _ in FACTORS}
-    for i, (lab, cap) in enumerate(zip(labs, caps)):
+    for i, lab in enumerate(labs):
         row = ids[i].tolist()
         c = lab.concept(world)
-        words = cap.split()
-        names = {c.name, c.alias} - {None}
-        name_word = next(w for w in words if w in names)
-        subj.append(row.index(tok.convert_tokens_to_ids(name_word + "</w>")))
-        eos.append(row.index(tok.eos_token_id))
-        style_pos.append(row.index(tok.convert_tokens_to_ids(world.styles[lab.style].name + "</w>")) if lab.style else -1)
+        for lst, pos in zip((subj, style_pos, eos), token_positions(tok, world, row, lab)):
+            lst.append(pos)
         s, col, p = c.visual
         t["shape"].append(s); t["colour"].append(col); t["pattern"].append(p)
         t["profession"].append(c.index + 1 if lab.kind else 0)
@@ -65,7 +78,7 @@ def _batch(rng: random.Random, world: World, tok, n: int):
     return ids, torch.tensor(subj), torch.tensor(style_pos), torch.tensor(eos), {k: torch.tensor(v) for k, v in t.items()}
 
 
-def pretrain_text_encoder(te, tok, world: World, *, steps: int = 1500, batch: int = 256, lr: float = 2e-3,
+def pretrain_text_encoder(te, tok, world: World, *, steps: int = 400, batch: int = 256, lr: float = 2e-3,
                           seed: int = 0, log=print) -> dict[str, float]:
     """Train ``te`` in place on the probe objective; returns held-out-caption probe accuracy."""
     torch.manual_seed(seed)
@@ -102,7 +115,7 @@ def pretrain_text_encoder(te, tok, world: World, *, steps: int = 1500, batch: in
     return acc
 
 
-def unseen_words(tok, world: World, n_captions: int = 20_000, seed: int = 0) -> list[str]:
+def unseen_words(world: World, n_captions: int = 20_000, seed: int = 0) -> list[str]:
     """Vocabulary words no training caption contains (apart from the rare aliases, which stay
     untrained on purpose): words only the held-out paraphrases use, such as ``showing``."""
     from .grammar import GRAMMAR_WORDS
@@ -128,7 +141,7 @@ def complete_vocabulary(te, tok, world: World, words: list[str], *, steps: int =
     """
     from .grammar import HOLDOUT_STYLE_TEMPLATES, HOLDOUT_TEMPLATES
 
-    ids_new = [tok.convert_tokens_to_ids(w + "</w>") for w in words]
+    ids_new = [word_id(tok, w) for w in words]
     if not ids_new:
         return {}
     held = set(HOLDOUT_TEMPLATES + HOLDOUT_STYLE_TEMPLATES)
@@ -141,9 +154,6 @@ def complete_vocabulary(te, tok, world: World, words: list[str], *, steps: int =
     opt = torch.optim.Adam([emb], lr=lr)
     rng = random.Random(seed + 31)
     L = tok.model_max_length
-
-    def encode(caps):
-        return torch.tensor(tok(caps, padding="max_length", max_length=L, truncation=True).input_ids)
 
     def pairs(n):
         orig, aug, keep = [], [], []
@@ -158,24 +168,17 @@ def complete_vocabulary(te, tok, world: World, words: list[str], *, steps: int =
             tpl = " ".join("{o}" if t in names else t for t in toks)
             if tpl in held or (lab.style and tpl.replace(world.styles[lab.style].name, "{s}") in held):
                 continue
-            orig.append(cap); aug.append(" ".join(toks)); keep.append((lab, names))
-        return encode(orig), encode(aug), keep
-
-    def positions(ids, lab, names):
-        row = ids.tolist()
-        eos = row.index(tok.eos_token_id)
-        subj = next(i for i, x in enumerate(row) if tok.convert_ids_to_tokens(x).removesuffix("</w>") in names)
-        sty = row.index(tok.convert_tokens_to_ids(world.styles[lab.style].name + "</w>")) if lab.style else None
-        return subj, sty, eos
+            orig.append(cap); aug.append(" ".join(toks)); keep.append(lab)
+        return encode(tok, orig), encode(tok, aug), keep
 
     def loss_of(o_ids, a_ids, keep, ho, ha):
         terms = []
-        for i, (lab, names) in enumerate(keep):
-            so, yo, eo = positions(o_ids[i], lab, names)
-            sa, ya, ea = positions(a_ids[i], lab, names)
+        for i, lab in enumerate(keep):
+            so, yo, eo = token_positions(tok, world, o_ids[i].tolist(), lab)
+            sa, ya, ea = token_positions(tok, world, a_ids[i].tolist(), lab)
             n = L - ea  # end-of-text and padding states, aligned from the first end-of-text token
             terms.append((ha[i, sa] - ho[i, so]).pow(2).mean() + (ha[i, ea:] - ho[i, eo:eo + n]).pow(2).mean())
-            if yo is not None:
+            if yo >= 0:
                 terms.append((ha[i, ya] - ho[i, yo]).pow(2).mean())
         return torch.stack(terms).mean()
 

@@ -208,8 +208,7 @@ def train_main(out: Path, world, tok, vae, scale: float, minutes: float, batch: 
         # phase 3: embeddings for words no training caption contains (text_pretrain.complete_vocabulary)
         from .text_pretrain import complete_vocabulary, unseen_words
 
-        vocab = complete_vocabulary(te, tok, world, unseen_words(tok, world), seed=seed, log=lambda m: log(m, out))
-        te.requires_grad_(False).eval()
+        vocab = complete_vocabulary(te, tok, world, unseen_words(world), seed=seed, log=lambda m: log(m, out))
     save()
     log(f"training done: {step} steps, {(time.time() - t0) / 60:.1f} min", out)
     (out / "train_stats.json").write_text(json.dumps({"steps": step, "minutes": (time.time() - t0) / 60, "batch": batch,

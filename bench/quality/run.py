@@ -422,7 +422,6 @@ def main(argv=None):
                     "options per method as name:key=value+key=value, e.g. emcid:cov_weight=100+layers=\"0-1\"")
     ap.add_argument("--counts", default=None)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--no-debias", action="store_true")
     ap.add_argument("--tasks", default="replace,erase,style,rectify,debias")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", type=Path, default=None, help="diffusers folder (default: the bundled testbed model)")
@@ -451,7 +450,7 @@ def main(argv=None):
         if "rectify" in tasks:
             res["rectify"][name] = b.rectification(fn)
             print(f"  rectify: {res['rectify'][name]}", flush=True)
-    if "uce" in methods and not a.quick and not a.no_debias and "debias" in tasks:
+    if "uce" in methods and not a.quick and "debias" in tasks:
         res["debias"] = b.debias(per=16, n_images=8, iters=6)
         print(f"debias: {res['debias']}", flush=True)
     res["seconds"] = time.time() - t0
