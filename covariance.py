@@ -10,12 +10,20 @@ computed and added.
 
 Positions: ``padded`` (default) uses all 77 positions the pipeline feeds (BOS, words, EOS and
 padding), i.e. exactly the keys the model sees at inference; ``tokens`` stops at EOS.
+
+Excluding edited concepts (``exclude``): C0 stands for the knowledge to keep, so captions that
+mention a concept being edited are taken out of it; otherwise the preservation term pulls the
+edited keys back towards their old outputs, which matters once the edited concepts are a large
+share of the corpus (1,000 edits on a corpus that names them). The full-corpus moments stay
+cached; the excluded captions' contribution is subtracted (or, when most captions go, the kept
+ones are summed directly).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -92,6 +100,24 @@ def load_captions(source) -> list[str]:
     return [line.rstrip("\n") for line in path.read_text().splitlines()]
 
 
+def split_mentions(captions: list[str], terms) -> tuple[list[str], list[str]]:
+    """(kept, dropped): captions naming any of ``terms`` (whole words, case-insensitive) are dropped."""
+    terms = sorted({t.strip() for t in terms if t and t.strip()}, key=len, reverse=True)
+    if not terms:
+        return list(captions), []
+    pat = re.compile(r"(?<!\w)(?:" + "|".join(re.escape(t) for t in terms) + r")(?!\w)", re.IGNORECASE)
+    kept, dropped = [], []
+    for c in captions:
+        (dropped if pat.search(c) else kept).append(c)
+    return kept, dropped
+
+
+def c0_exclusions(plan) -> list[str]:
+    """The concepts to leave out of C0 for ``plan``: its edited concepts, unless the plan's
+    ``c0_exclude_edited`` option is False (the paper's C0 over the whole corpus)."""
+    return [e.source for e in plan.edits] if plan.options.get("c0_exclude_edited", True) else []
+
+
 def _fc2_index(name: str) -> tuple[str, int]:
     try:
         return parse_fc2_name(name)
@@ -146,12 +172,16 @@ def second_moments(
     progress: bool = True,
     use_cache: bool = True,
     layers_per_pass: int = 8,
+    exclude=(),
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """C0 (mean second moment; accumulated in float64, stored and returned as float32) per layer
     name; returns (moments, info).
 
     At most ``layers_per_pass`` layers are accumulated per pass over the corpus (each holds a
     d x d float64 sum: 200 MB for SDXL's 5120-wide fc2 inputs), so memory stays bounded.
+
+    ``exclude``: concept names; captions mentioning them are left out of the returned moments
+    (the cache always holds the full corpus). ``info["n_excluded_captions"]`` says how many.
 
     ``info`` has ``n_samples`` per layer, ``corpus_fingerprint``, ``model_fingerprint``,
     ``cache_file`` and ``computed`` (layers computed in this call rather than loaded).
@@ -204,12 +234,26 @@ def second_moments(
                 },
             )
             os.replace(tmp, path)
+    moments = {n: cached[n] for n in names}
+    counts = {n: int(counts[n]) for n in names}
+    kept, dropped = split_mentions(captions, exclude)
+    if dropped:
+        if not kept:
+            raise CovarianceCacheError("every caption of the corpus mentions an edited concept; nothing is left to preserve")
+        kw = dict(batch_size=batch_size, positions=positions, progress=progress)
+        if len(dropped) <= len(kept):  # subtract the few dropped captions from the cached full sums
+            m_d, n_d = _compute(model, dropped, names, **kw)
+            moments = {n: ((moments[n].double() * counts[n] - m_d[n].double() * n_d[n]) / (counts[n] - n_d[n])).float() for n in names}
+            counts = {n: counts[n] - n_d[n] for n in names}
+        else:
+            moments, counts = _compute(model, kept, names, **kw)
     info = {
-        "n_samples": {n: int(counts[n]) for n in names},
+        "n_samples": counts,
+        "n_excluded_captions": len(dropped),
         "corpus_fingerprint": cfp,
         "model_fingerprint": mfp,
         "n_captions": len(captions),
         "cache_file": str(path) if path else None,
         "computed": missing,
     }
-    return {n: cached[n] for n in names}, info
+    return moments, info

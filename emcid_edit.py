@@ -18,7 +18,8 @@ follow MEMIT's definition, under which alpha -> 1 drives z to z* exactly.
 Options (``plan.options``): ``alpha`` (0.5), ``layers`` (None = every read layer but the last;
 list, "0-9" string, or {component: spec}), ``cov_weight`` (10000, EMCID's mom2_update_weight:
 C0 is the mean second moment times this), ``corpus`` (caption list / file; None = built-in
-captions), ``cov_positions`` ("padded"), ``cov_cache_dir``, ``targets`` (stage I mode:
+captions), ``c0_exclude_edited`` (True: captions naming an edited concept are left out of C0,
+see :mod:`.covariance`), ``cov_positions`` ("padded"), ``cov_cache_dir``, ``targets`` (stage I mode:
 distill | images | text | dest_hidden | refine; default distill), ``steps``, ``lr``,
 ``text_weight``, ``clamp``, ``images_per_concept``, ``gen_steps``, ``batch_concepts``, ``seed``,
 ``targets_cache_dir``, ``executor`` (local | ray), ``key_mode`` ("mean": one key per concept,
@@ -152,7 +153,7 @@ def emcid_delta(
 
     ``images`` maps a source concept to destination images for stage I mode ``images``.
     """
-    from .covariance import second_moments
+    from .covariance import c0_exclusions, second_moments
 
     t0 = time.perf_counter()
     o = plan.options
@@ -161,7 +162,8 @@ def emcid_delta(
     layers = resolve_layers(model, o.get("layers"))
     names = [fc2_name(c, l) for c, ls in layers.items() for l in ls]
     C0, cov_info = second_moments(
-        model, names, o.get("corpus"), cache_dir=o.get("cov_cache_dir"), positions=o.get("cov_positions", "padded"), progress=progress
+        model, names, o.get("corpus"), cache_dir=o.get("cov_cache_dir"), positions=o.get("cov_positions", "padded"), progress=progress,
+        exclude=c0_exclusions(plan),
     )
     t_cov = time.perf_counter() - t0
     cfg = stage_i_config(plan)
@@ -184,6 +186,7 @@ def emcid_delta(
         "key_mode": o.get("key_mode", "mean"),
         "stage_i": vars(cfg),
         "cov_positions": o.get("cov_positions", "padded"),
+        "c0_exclude_edited": bool(o.get("c0_exclude_edited", True)),
     }
     meta = _base_meta(
         model, plan, "emcid", hyper, out, t0,

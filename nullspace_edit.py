@@ -23,7 +23,8 @@ Targets (``targets``): ``dest_hidden`` (default; the destination concept's state
 the write-up's naive choice), ``refine`` (UNet-guided refinement: start from it and optimise
 so the UNet's noise prediction for the edited prompt matches the destination prompt's), or any
 EMCID stage I mode for the text-encoder site. Other options: ``lam`` (ridge, 1.0), ``layers``,
-``corpus``, ``cov_cache_dir``, ``cov_positions``, ``key_mode`` ("each"), stage I settings.
+``corpus``, ``cov_cache_dir``, ``cov_positions``, ``c0_exclude_edited`` (True: captions naming an
+edited concept are left out of C0, see :mod:`.covariance`), ``key_mode`` ("each"), stage I settings.
 
 Sequential editing: pass an :class:`~.solvers.nullspace.EditHistory` (or ``history_file``, a
 safetensors file kept between runs); earlier edits' keys Kp enter the solve (so new edits do not
@@ -35,7 +36,7 @@ import time
 
 import torch
 
-from .covariance import TEXT_STATES, _compute, second_moments
+from .covariance import TEXT_STATES, _compute, c0_exclusions, second_moments
 from .delta import ConceptDelta, LayerDelta
 from .edits import EditPlan
 from .emcid_edit import _base_meta, plan_requests, spread_edit, stage_i_config
@@ -70,7 +71,9 @@ def projectors(model, plan: EditPlan, names: list[str], *, progress: bool = True
     C = {n: None for n in names}
     info: dict = {"projector": source}
     if source in ("corpus", "both"):
-        c0, cinfo = second_moments(model, names, o.get("corpus"), cache_dir=o.get("cov_cache_dir"), positions=positions, progress=progress)
+        c0, cinfo = second_moments(
+            model, names, o.get("corpus"), cache_dir=o.get("cov_cache_dir"), positions=positions, progress=progress, exclude=c0_exclusions(plan)
+        )
         info["covariance"] = {k: v for k, v in cinfo.items() if k != "computed"}
         C = {n: c0[n].double() for n in names}
     if source in ("preserve", "both"):

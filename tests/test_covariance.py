@@ -30,3 +30,32 @@ def test_second_moment_matches_direct_computation_and_caches(tiny, tmp_path):
     # another corpus -> another file; padded positions -> 77 samples per caption
     _, info3 = cv.second_moments(model, [name], CAPS[:2], cache_dir=tmp_path, progress=False)
     assert info3["cache_file"] != info["cache_file"] and info3["n_samples"][name] == 2 * 77
+
+
+def test_excluding_edited_concepts_equals_c0_of_the_other_captions(tiny, tmp_path):
+    """Subtracting the dropped captions from the cached sums (few dropped) and summing the kept
+    ones (most dropped) both give C0 of the remaining captions; the cache keeps the full corpus."""
+    from concept_edit import covariance as cv
+    from concept_edit import text_encoder_edit as te
+
+    _, model = tiny("sd1")
+    name = te.fc2_name("text_encoder", 0)
+    caps = CAPS + ["a black cat", "a Cat-like lamp", "a catalogue of cars", "the dog and the cat"]
+    assert cv.split_mentions(caps, ["cat"])[1] == ["a cat on a mat", "a black cat", "a Cat-like lamp", "the dog and the cat"]
+    full, _ = cv.second_moments(model, [name], caps, cache_dir=tmp_path, progress=False)
+    for terms in (["car"], ["cat", "dog"]):  # 1 of 7 dropped (subtract), 5 of 7 dropped (direct)
+        kept, dropped = cv.split_mentions(caps, terms)
+        C, info = cv.second_moments(model, [name], caps, cache_dir=tmp_path, progress=False, exclude=terms)
+        ref, ref_info = cv.second_moments(model, [name], kept, use_cache=False, progress=False)
+        assert info["n_excluded_captions"] == len(dropped) and info["computed"] == []
+        assert info["n_samples"] == ref_info["n_samples"] == {name: 77 * len(kept)}
+        torch.testing.assert_close(C[name], ref[name], rtol=1e-4, atol=1e-6)
+        assert not torch.allclose(C[name], full[name], rtol=1e-3)
+    again, _ = cv.second_moments(model, [name], caps, cache_dir=tmp_path, progress=False)
+    assert torch.equal(again[name], full[name])
+    try:
+        cv.second_moments(model, [name], ["a cat"], cache_dir=tmp_path, progress=False, exclude=["cat"])
+    except cv.CovarianceCacheError as e:
+        assert "every caption" in str(e)
+    else:
+        raise AssertionError("a corpus with nothing left to preserve must be refused")
