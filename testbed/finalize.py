@@ -25,12 +25,15 @@ def main(argv=None):
     tmp = a.run / "export_tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
+    args = json.loads((a.run / "args.json").read_text()) if (a.run / "args.json").exists() else {}
     train.main(["--out", str(a.run), "--export", str(tmp), "--export-only"])
     if MODEL_DIR.exists():
         shutil.rmtree(MODEL_DIR)
     shutil.copytree(tmp, MODEL_DIR)
     ck = __import__("torch").load(a.run / "ckpt.pt", weights_only=False, map_location="cpu")
-    stats = {"steps": ck["step"], "minutes": round(ck["elapsed"] / 60, 1), "batch": 32, "text_probe": ck.get("text_probe")}
+    stats = {"steps": ck["step"], "minutes": round(ck["elapsed"] / 60, 1), "batch": int(args.get("batch", 32)),
+             "text_encoder": dict(zip(("hidden", "layers", "mlp"), train.checkpoint_text_shape(ck["te"]))),
+             "text_probe": ck.get("text_probe")}
     ev = evaluate.main(["--n-head", str(a.n_head), "--n-tail", str(a.n_tail), "--threads", "2", "--out", str(a.run / "eval.json")])
     w = build_world(1000)
     tail = ev.get("tail_train_templates", {}).get("top1", 0.0)

@@ -33,7 +33,8 @@ EMA_DECAY = 0.995
 # prompts pad to 32 tokens (the pipeline pads to tokenizer.model_max_length); the text encoder
 # keeps 77 positions like CLIP. 32 tokens cut the text/cross-attention cost by 2.4x.
 MAX_TOKENS = 32
-TEXT_DIM = 128
+# the shipped text encoder: 4 layers of 256 with CLIP's 4x MLP, so 1,000 names fit distinct fc2 keys
+TEXT_SHAPE = (256, 4, 1024)  # hidden, layers, mlp
 LOG_EVERY = float(os.environ.get("TESTBED_LOG_EVERY", 60))
 
 
@@ -45,7 +46,7 @@ def log(msg: str, out: Path | None = None):
             f.write(line + "\n")
 
 
-def make_unet(cross_dim: int = TEXT_DIM):
+def make_unet(cross_dim: int = TEXT_SHAPE[0]):
     from diffusers import UNet2DConditionModel
 
     # pixel-space (the VAE is an exact identity, see vae.py): 32x32 -> 16 -> 8, cross-attention
@@ -59,7 +60,7 @@ def make_unet(cross_dim: int = TEXT_DIM):
     )
 
 
-def make_text_encoder(tok, dim: int = TEXT_DIM, layers: int = 2, mlp: int = 2 * TEXT_DIM):
+def make_text_encoder(tok, dim: int = TEXT_SHAPE[0], layers: int = TEXT_SHAPE[1], mlp: int = TEXT_SHAPE[2]):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     cfg = CLIPTextConfig(
@@ -124,21 +125,29 @@ def export_pipeline(out_dir: Path, vae, te, unet, tok, scale: float):
     return pipe
 
 
+def checkpoint_text_shape(te_state: dict) -> tuple[int, int, int]:
+    """(hidden, layers, mlp) of the text encoder saved in a checkpoint."""
+    fc1 = [v for k, v in te_state.items() if k.endswith("mlp.fc1.weight")]
+    return fc1[0].shape[1], len(fc1), fc1[0].shape[0]
+
+
 def train_main(out: Path, world, tok, vae, scale: float, minutes: float, batch: int, seed: int, lr: float,
-               export: Path | None, export_only: bool = False, text_steps: int = 400, text_shape=(TEXT_DIM, 2, 2 * TEXT_DIM)):
+               export: Path | None, export_only: bool = False, text_steps: int = 400, text_shape=TEXT_SHAPE):
     from .text_pretrain import pretrain_text_encoder
 
     torch.manual_seed(seed)
+    ck = out / "ckpt.pt"
+    s = torch.load(ck, weights_only=False) if ck.exists() else None
+    if s is not None:  # a run keeps the text-encoder shape it started with
+        text_shape = checkpoint_text_shape(s["te"])
     te = make_text_encoder(tok, *text_shape)
     unet, ema_unet = make_unet(text_shape[0]), make_unet(text_shape[0])
     ema_unet.load_state_dict(unet.state_dict())
     params = list(unet.parameters())
     ema_params = list(ema_unet.parameters())
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
-    ck = out / "ckpt.pt"
     step, elapsed, text_acc, vocab = 0, 0.0, None, None
-    if ck.exists():
-        s = torch.load(ck, weights_only=False)
+    if s is not None:
         te.load_state_dict(s["te"]); unet.load_state_dict(s["unet"]); ema_unet.load_state_dict(s["ema_unet"])
         opt.load_state_dict(s["opt"]); step, elapsed, text_acc = s["step"], s["elapsed"], s.get("text_probe")
         vocab = s.get("vocab_completion")
@@ -231,9 +240,9 @@ def main(argv=None):
     ap.add_argument("--text-steps", type=int, default=400, help="text-encoder pretraining steps (phase 1)")
     # the shipped model: 128 wide, 2 layers, MLP 256. The fc2 keys (MLP width) bound how many
     # concepts one layer's closed-form edit can move independently (bench/quality/FINDINGS.md)
-    ap.add_argument("--text-dim", type=int, default=TEXT_DIM)
-    ap.add_argument("--text-layers", type=int, default=2)
-    ap.add_argument("--text-mlp", type=int, default=2 * TEXT_DIM)
+    ap.add_argument("--text-dim", type=int, default=TEXT_SHAPE[0])
+    ap.add_argument("--text-layers", type=int, default=TEXT_SHAPE[1])
+    ap.add_argument("--text-mlp", type=int, default=TEXT_SHAPE[2])
     ap.add_argument("--threads", type=int, default=1, help="1 is fastest when the 2 cores are shared (OpenMP spin-waits)")
     ap.add_argument("--export", type=Path, default=None, help="write the diffusers folder here when done")
     ap.add_argument("--export-only", action="store_true", help="export the current checkpoint and exit")
@@ -243,7 +252,8 @@ def main(argv=None):
     world = build_world(a.n_objects)
     tok_dir = write_tokenizer(a.out / "tokenizer", all_words(world), model_max_length=MAX_TOKENS)
     tok = CLIPTokenizer.from_pretrained(tok_dir)
-    (a.out / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(a).items()}))
+    if not a.export_only:  # the run's own arguments stay on record
+        (a.out / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(a).items()}))
     log(f"world: {len(world.objects)} objects, {len(world.artists)} artists, vocab {len(tok.get_vocab())}", a.out)
     from .vae import make_identity_vae
 

@@ -189,7 +189,7 @@ def test_text_pretraining_targets_and_learning(tmp_path):
             assert vocab[int(ids[i, sty[i]])].removesuffix("</w>") == w.styles[int(tg["style"][i])].name
         else:
             assert sty[i] == -1
-    te = train.make_text_encoder(tok)
+    te = train.make_text_encoder(tok, 128, 2, 256)  # small: this checks the objective, not the shipped size
     torch.set_num_threads(2)
     acc = pretrain_text_encoder(te, tok, w, steps=60, batch=64, log=lambda m: None)
     # 60 steps cannot learn 1,000 names, but the artists (31) and attribute words are frequent

@@ -39,7 +39,7 @@ STYLE_TPL = ["a painting of a {o} by {s}"]
 STYLE_PARA = ["{s} painting of a {o}"]
 # EMCID's default C0 weight (10,000, the paper's mom2_update_weight for SD's CLIP) barely moves
 # this small encoder (session 2: S2D 0.00 at 10 edits), so a weight of 100 runs alongside it
-DEFAULT_METHODS = ["uce", "emcid", "emcid:cov_weight=100", "nullspace", "nullspace-xattn", "emcid+uce:cov_weight=100"]
+DEFAULT_METHODS = ["uce", "emcid", "emcid:cov_weight=1000", "nullspace", "nullspace-xattn", "emcid+uce"]
 
 
 def uce_method(model, plan):
@@ -49,7 +49,7 @@ def uce_method(model, plan):
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
-    """``name`` or ``name:key=value,key=value`` (values parsed as JSON where they can be)."""
+    """``name`` or ``name:key=value+key=value`` (values parsed as JSON where they can be)."""
     name, _, opts = spec.partition(":")
     out = {}
     for kv in filter(None, opts.split("+")):
