@@ -112,10 +112,14 @@ def split_mentions(captions: list[str], terms) -> tuple[list[str], list[str]]:
     return kept, dropped
 
 
+def excludes_edited(plan) -> bool:
+    """The plan's ``c0_exclude_edited`` option (default True; False = the paper's C0 over the whole corpus)."""
+    return bool(plan.options.get("c0_exclude_edited", True))
+
+
 def c0_exclusions(plan) -> list[str]:
-    """The concepts to leave out of C0 for ``plan``: its edited concepts, unless the plan's
-    ``c0_exclude_edited`` option is False (the paper's C0 over the whole corpus)."""
-    return [e.source for e in plan.edits] if plan.options.get("c0_exclude_edited", True) else []
+    """The concepts to leave out of C0 for ``plan``: its edited concepts, if :func:`excludes_edited`."""
+    return [e.source for e in plan.edits] if excludes_edited(plan) else []
 
 
 def _fc2_index(name: str) -> tuple[str, int]:

@@ -153,7 +153,7 @@ def emcid_delta(
 
     ``images`` maps a source concept to destination images for stage I mode ``images``.
     """
-    from .covariance import c0_exclusions, second_moments
+    from .covariance import c0_exclusions, excludes_edited, second_moments
 
     t0 = time.perf_counter()
     o = plan.options
@@ -186,7 +186,7 @@ def emcid_delta(
         "key_mode": o.get("key_mode", "mean"),
         "stage_i": vars(cfg),
         "cov_positions": o.get("cov_positions", "padded"),
-        "c0_exclude_edited": bool(o.get("c0_exclude_edited", True)),
+        "c0_exclude_edited": excludes_edited(plan),
     }
     meta = _base_meta(
         model, plan, "emcid", hyper, out, t0,

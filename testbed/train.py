@@ -238,8 +238,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--text-steps", type=int, default=400, help="text-encoder pretraining steps (phase 1)")
-    # the shipped model: 128 wide, 2 layers, MLP 256. The fc2 keys (MLP width) bound how many
-    # concepts one layer's closed-form edit can move independently (bench/quality/FINDINGS.md)
+    # defaults: the shipped shape (TEXT_SHAPE). The fc2 keys (MLP width) bound how many concepts
+    # one layer's closed-form edit can move independently (bench/quality/FINDINGS.md)
     ap.add_argument("--text-dim", type=int, default=TEXT_SHAPE[0])
     ap.add_argument("--text-layers", type=int, default=TEXT_SHAPE[1])
     ap.add_argument("--text-mlp", type=int, default=TEXT_SHAPE[2])

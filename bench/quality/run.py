@@ -37,8 +37,8 @@ EVAL_TPL = ["a picture of a {}"]  # a training template (efficacy)
 EVAL_PARA = ["the image of the {}"]  # a held-out paraphrase (generalization)
 STYLE_TPL = ["a painting of a {o} by {s}"]
 STYLE_PARA = ["{s} painting of a {o}"]
-# EMCID's default C0 weight (10,000, the paper's mom2_update_weight for SD's CLIP) barely moves
-# this small encoder (session 2: S2D 0.00 at 10 edits), so a weight of 100 runs alongside it
+# EMCID's default C0 weight (10,000, the paper's mom2_update_weight) is absolute while the edit
+# term grows with the edit count: it barely edits below ~100 concepts here, so 1,000 runs alongside
 DEFAULT_METHODS = ["uce", "emcid", "emcid:cov_weight=1000", "nullspace", "nullspace-xattn", "emcid+uce"]
 
 
