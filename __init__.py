@@ -5,8 +5,7 @@ Importing it never imports ComfyUI; the node classes import ``comfy`` lazily whe
 All imports inside the package are relative, because ComfyUI imports the folder under
 its directory name rather than ``concept_edit``.
 """
-from .version import __version__
-
+from .core.version import __version__
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 
 WEB_DIRECTORY = "./web"

@@ -1,30 +1,6 @@
-"""One entry point for every editing method: plan.method -> the engine that computes its delta."""
-from __future__ import annotations
+"""Deprecated: moved to ``concept_edit.engines``. This alias stays for one release (0.2)."""
+import warnings
 
-import importlib
+from .engines import *  # noqa: F401,F403
 
-from .delta import ConceptDelta
-from .edits import EditPlan, PlanError
-
-# method name -> (module, function); each function is f(model, plan, **kw) -> ConceptDelta
-ENGINES = {
-    "uce": ("uce_edit", "uce_delta"),
-    "emcid": ("emcid_edit", "emcid_delta"),
-    "nullspace": ("nullspace_edit", "nullspace_delta"),
-    "emcid+uce": ("emcid_edit", "emcid_uce_delta"),
-}
-
-
-def engine(method: str):
-    if method not in ENGINES:
-        raise PlanError(f"unknown method {method!r}; available: {', '.join(ENGINES)}")
-    mod, fn = ENGINES[method]
-    try:
-        module = importlib.import_module(f".{mod}", __package__)
-    except ModuleNotFoundError as e:
-        raise PlanError(f"method {method!r} is not available in this installation ({e})") from e
-    return getattr(module, fn)
-
-
-def compute_delta(model, plan: EditPlan, **kw) -> ConceptDelta:
-    return engine(plan.method)(model, plan, **kw)
+warnings.warn("concept_edit.methods is deprecated; import from concept_edit.engines", DeprecationWarning, stacklevel=2)

@@ -305,9 +305,8 @@ def text_encoder_model(clip, model_patcher=None):
     if missing:
         raise ComfyModelError(f"could not map ComfyUI's CLIP onto a CLIPTextModel; missing {missing[:3]}")
     te.eval().requires_grad_(False)
-    from types import SimpleNamespace
-
     import copy
+    from types import SimpleNamespace
 
     tok = copy.deepcopy(clip.tokenizer.clip_l.tokenizer)  # ComfyUI's own object stays untouched
     tok.model_max_length = int(getattr(clip.tokenizer.clip_l, "max_length", 77))  # its config says 8192

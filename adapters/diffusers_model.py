@@ -11,7 +11,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .base import CROSS_ATTN_SUFFIXES, EditableModel, PromptTooLongError, canonical_text_path, text_module_path
+from .base import (
+    CROSS_ATTN_SUFFIXES,
+    EditableModel,
+    PromptTooLongError,
+    canonical_text_path,
+    text_module_path,
+)
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 

@@ -10,17 +10,24 @@ Layer names, prompts, encodings and deltas are exactly those of
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-from .. import ldm_layout as L
 from .base import CROSS_ATTN_SUFFIXES, canonical_text_path, text_module_path
 from .diffusers_model import PICKLE_SUFFIXES, DiffusersModel, ModelLoadError
-
+from .ldm_keymap import (
+    TEXT_ENCODERS,
+    LayoutError,
+    component_keys,
+    detect_family,
+    layout_entries,
+    meta_component,
+    read_configs,
+)
+from .safetensors_stream import SafetensorsReader, read_safetensors_header
 
 _NEEDS_FULL = ("SingleFileModel loads only the text encoders (and reads edited weights lazily); "
                "{what} needs the full pipeline: load_pipeline(path, config=...) and DiffusersModel")
@@ -90,21 +97,21 @@ class SingleFileModel(DiffusersModel):
             raise ModelLoadError(f"config {config} is not a diffusers folder (no model_index.json)")
         self.path, self.config_dir, self.dtype = path, config, dtype
         try:
-            self.configs = L.read_configs(config)
-        except L.LayoutError as e:
+            self.configs = read_configs(config)
+        except LayoutError as e:
             raise ModelLoadError(str(e)) from e
-        header, _ = L.read_safetensors_header(path)
+        header, _ = read_safetensors_header(path)
         self.file_keys = {k: v for k, v in header.items() if k != "__metadata__"}
         self.metadata = header.get("__metadata__", {})
-        self.layout_family = L.detect_family(self.configs, self.file_keys)
-        want = L.detect_family(self.configs)
+        self.layout_family = detect_family(self.configs, self.file_keys)
+        want = detect_family(self.configs)
         if want != self.layout_family:
             raise ModelLoadError(f"{path.name} holds a {self.layout_family} checkpoint but config {config} is {want}")
-        encoders = {c: self._load_text_encoder(c) for c in L.TEXT_ENCODERS if c in self.configs}
-        unet_meta = L.meta_component("unet", self.configs["unet"])
+        encoders = {c: self._load_text_encoder(c) for c in TEXT_ENCODERS if c in self.configs}
+        unet_meta = meta_component("unet", self.configs["unet"])
         self._unet_names = [n for n, m in unet_meta.named_modules() if isinstance(m, torch.nn.Linear)]
         self._unet_entries = {
-            e.parts[0]: e for e in L.layout_entries({"unet": list(unet_meta.state_dict().keys())}, self.configs, self.layout_family)
+            e.parts[0]: e for e in layout_entries({"unet": list(unet_meta.state_dict().keys())}, self.configs, self.layout_family)
         }
         pipe = TextOnlyPipeline(
             text_encoder=encoders["text_encoder"],
@@ -128,9 +135,9 @@ class SingleFileModel(DiffusersModel):
         return CLIPTokenizer.from_pretrained(str(d), local_files_only=True)
 
     def _load_text_encoder(self, comp: str) -> torch.nn.Module:
-        module = L.meta_component(comp, self.configs[comp], self.configs["_classes"].get(comp))
-        keys = L.component_keys(comp, module)
-        entries = L.layout_entries({comp: keys}, self.configs, self.layout_family)
+        module = meta_component(comp, self.configs[comp], self.configs["_classes"].get(comp))
+        keys = component_keys(comp, module)
+        entries = layout_entries({comp: keys}, self.configs, self.layout_family)
         missing = [e.key for e in entries if e.key not in self.file_keys]
         if missing:
             raise ModelLoadError(f"{self.path.name} lacks {len(missing)} {comp} tensor(s) of the config's architecture, e.g. {missing[0]}")
@@ -138,7 +145,7 @@ class SingleFileModel(DiffusersModel):
         # Plain reads into fresh tensors: nothing of the file stays mapped, and fresh tensors are
         # 64-byte aligned like DiffusersModel's (BLAS results can depend on alignment), which
         # keeps encodings bit-identical.
-        with L.SafetensorsReader(self.path) as f:
+        with SafetensorsReader(self.path) as f:
             for e in entries:
                 t = f.get(e.key)
                 for part, x in zip(e.parts, e.split(t)):
@@ -174,7 +181,7 @@ class SingleFileModel(DiffusersModel):
                     out[name] = self._cache[name]
                 else:
                     todo.append((name, self.single_file_key(name)))
-            elif comp in L.TEXT_ENCODERS and getattr(self.pipe, comp, None) is not None:
+            elif comp in TEXT_ENCODERS and getattr(self.pipe, comp, None) is not None:
                 enc = getattr(self.pipe, comp)
                 try:
                     out[name] = enc.get_submodule(text_module_path(enc, sub)).weight
@@ -183,7 +190,7 @@ class SingleFileModel(DiffusersModel):
             else:
                 raise KeyError(f"this {self.family} model does not have layer {name}")
         if todo:
-            with L.SafetensorsReader(self.path) as f:
+            with SafetensorsReader(self.path) as f:
                 for name, key in todo:
                     if key not in f:
                         raise KeyError(f"{self.path.name} has no tensor {key} (layer {name})")
@@ -195,7 +202,7 @@ class SingleFileModel(DiffusersModel):
         """Every Linear weight of the UNet and text encoders (names as DiffusersModel.all_weights);
         UNet values are read only when looked up."""
         names = [f"unet.{n}" for n in self._unet_names]
-        for comp in L.TEXT_ENCODERS:
+        for comp in TEXT_ENCODERS:
             m = getattr(self.pipe, comp, None)
             if m is not None:
                 names += [f"{comp}.{canonical_text_path(n)}" for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)]
@@ -204,7 +211,7 @@ class SingleFileModel(DiffusersModel):
     def loaded_bytes(self) -> int:
         """Bytes of tensors this model holds (text encoders + UNet weights read so far)."""
         n = sum(p.numel() * p.element_size() for p in self._cache.values())
-        for comp in L.TEXT_ENCODERS:
+        for comp in TEXT_ENCODERS:
             m = getattr(self.pipe, comp, None)
             if m is not None:
                 n += sum(t.numel() * t.element_size() for t in m.state_dict().values())

@@ -55,7 +55,7 @@ def _json(name: str) -> dict:
 
 def write_config_folder(family: str, out: Path) -> Path:
     """A local diffusers folder with configs and tokenizers only (no weights)."""
-    from concept_edit.tokenizer_files import write_clip_tokenizer
+    from concept_edit.testing.tokenizer_files import write_clip_tokenizer
 
     spec = FAMILIES[family]
     out.mkdir(parents=True, exist_ok=True)
@@ -88,19 +88,28 @@ def write_config_folder(family: str, out: Path) -> Path:
 def write_random_single_file(config: Path, path: Path, dtype: str = "float16", seed: int = 0) -> dict:
     """Random weights of the configs' shapes in the original layout, one tensor at a time."""
     import torch
-
-    from concept_edit import ldm_layout as L
+    from concept_edit.adapters.base import canonical_text_path
+    from concept_edit.adapters.ldm_keymap import (
+        TEXT_ENCODERS,
+        _configs_and_modules,
+        entries_for,
+    )
+    from concept_edit.adapters.safetensors_stream import (
+        _DTYPE_NAMES,
+        tensor_bytes,
+        write_stream,
+    )
 
     dt = getattr(torch, dtype)
-    cfgs, mods = L._configs_and_modules(config)
+    cfgs, mods = _configs_and_modules(config)
     canon = {}
     for comp, m in mods.items():
         for k, v in m.state_dict().items():
-            canon[f"{comp}.{L.canonical_text_key(k) if comp in L.TEXT_ENCODERS else k}"] = v
-    entries = L.entries_for(config)
+            canon[f"{comp}.{canonical_text_path(k) if comp in TEXT_ENCODERS else k}"] = v
+    entries = entries_for(config)
     shapes = {e.key: tuple(e.combine([canon[p] for p in e.parts]).shape) for e in entries}
     g = torch.Generator().manual_seed(seed)
-    specs = [(k, L._DTYPE_NAMES[dt], list(s)) for k, s in shapes.items()]
+    specs = [(k, _DTYPE_NAMES[dt], list(s)) for k, s in shapes.items()]
 
     def emit(key, f):
         shape = shapes[key]
@@ -108,10 +117,10 @@ def write_random_single_file(config: Path, path: Path, dtype: str = "float16", s
             t = torch.ones(shape) if key.endswith("weight") else torch.zeros(shape)
         else:
             t = torch.randn(shape, generator=g).mul_(0.02)
-        f.write(L.tensor_bytes(t.to(dt)))
+        f.write(tensor_bytes(t.to(dt)))
 
     t0 = time.perf_counter()
-    L.write_stream(path, specs, emit, metadata={"format": "pt", "note": "random weights, ConceptEdit memory bench"})
+    write_stream(path, specs, emit, metadata={"format": "pt", "note": "random weights, ConceptEdit memory bench"})
     return {"tensors": len(specs), "bytes": path.stat().st_size, "seconds": time.perf_counter() - t0}
 
 
@@ -124,12 +133,11 @@ def child(mode: str, path: str, config: str, n: int, out: str | None, full_dtype
     res: dict = {}
     import diffusers  # noqa: F401  (same import baseline in every mode)
     import transformers  # noqa: F401
-
     from concept_edit.adapters.diffusers_model import load_pipeline
     from concept_edit.adapters.single_file_model import SingleFileModel
-    from concept_edit.edits import plan_from_dict
-    from concept_edit.export import export_single_file
-    from concept_edit.uce_edit import uce_delta
+    from concept_edit.core.plan import plan_from_dict
+    from concept_edit.engines.uce import uce_delta
+    from concept_edit.files.export import export_single_file
 
     if mode == "te":
         m = SingleFileModel(path, config)

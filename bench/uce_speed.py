@@ -5,7 +5,7 @@ this times, for N = 1, 10, 100, 1000 erased concepts (+ N preserved concepts, gu
 
 * ``floor32`` / ``floor16``  the floor: one forward of the text encoder(s) over the distinct
   prompts at their real length (float32 / bfloat16 autocast). Tokenisation is not timed.
-* ``ce32`` / ``ce16``        ``concept_edit.uce_edit.uce_delta`` end to end (float32 keys /
+* ``ce32`` / ``ce16``        ``concept_edit.engines.uce.uce_delta`` end to end (float32 keys /
   ``DiffusersModel(autocast_dtype=torch.bfloat16)``), last-token keys.
 * ``ref``                    a re-implementation of the loop of UCE's published ``UCE()``
   function (rohitgandikota/unified-concept-editing, trainscripts/uce_sd_erase.py): every
@@ -163,13 +163,16 @@ def _tiny_vae():
 
 def build_pipeline(name: str, seed: int = 0, unet_only: bool = False):
     """A real StableDiffusion(XL)Pipeline object at the named size (vae tiny and unused)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from concept_edit.testing.tokenizer_files import clip_tokenizer_dir
+    from diffusers import (
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from concept_edit.tokenizer_files import clip_tokenizer_dir
-
     if name.startswith("tiny-"):
-        from concept_edit.tiny_models import build_tiny_pipeline
+        from concept_edit.testing.tiny_models import build_tiny_pipeline
 
         pipe = build_tiny_pipeline(name.split("-", 1)[1], seed=seed)
         return pipe
@@ -225,7 +228,7 @@ def concept_names(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
 
 
 def make_plan(edits: list[str], preserves: list[str]):
-    from concept_edit.edits import plan_from_dict
+    from concept_edit.core.plan import plan_from_dict
 
     return plan_from_dict({
         "edits": [{"erase": e, "guide": ""} for e in edits],
@@ -371,7 +374,7 @@ def default_repeats(n: int, variant: str) -> int:
 def run_solve_only(model: str, n: int, seed: int = 0) -> dict:
     """ConceptEdit's work after the keys (shared Cholesky solve + per-layer factors, as in
     ``uce_delta``) on random keys of the model's width: no text encoder is built."""
-    from concept_edit.delta import LayerDelta
+    from concept_edit.core.delta import LayerDelta
     from concept_edit.solvers.uce import uce_solve
 
     gen = torch.Generator().manual_seed(seed)
@@ -434,7 +437,7 @@ def run_variant(model: str, n: int, variant: str, workdir: Path, seed: int = 0, 
         return res
 
     if variant in ("ce32", "ce16"):
-        import concept_edit.uce_edit as ue
+        import concept_edit.engines.uce as ue
         from concept_edit.adapters.diffusers_model import DiffusersModel
 
         captured = {}

@@ -160,7 +160,7 @@ def debias():
     g.link(ck, 1, db, "clip")
     sampler_chain(g, (db, 0), (db, 1), (ck, 2), "a photo of a doctor", 0, 800, "concept_edit/debias_doctor", batch=4)
     return g.to_json("Debias 'doctor' towards equal male/female proportions (UCE debias; alphas start from the ratios — "
-                     "fit calibrated alphas with concept_edit.debias.fit_debias and paste them in).")
+                     "fit calibrated alphas with concept_edit.engines.debias.fit_debias and paste them in).")
 
 
 WORKFLOWS = {

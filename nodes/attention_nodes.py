@@ -4,7 +4,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..hooks.attention_maps import AttentionStore, install_comfy_capture, prompt_tokens, word_token_indices
+from ..hooks.attention_maps import (
+    AttentionStore,
+    install_comfy_capture,
+    prompt_tokens,
+    word_token_indices,
+)
 from ..hooks.heatmap import heatmap_images
 from .common import CAPTURE_TYPE, CATEGORY, parse_list
 

@@ -9,8 +9,8 @@ import re
 
 import torch
 
-from ..delta import ConceptDelta
-from ..edits import Edit, EditPlan, PlanError
+from ..core.delta import ConceptDelta
+from ..core.plan import Edit, EditPlan, PlanError
 
 CATEGORY = "ConceptEdit"
 DELTA_TYPE = "CONCEPT_DELTA"
@@ -86,7 +86,7 @@ def debias_edits(concepts: str, attributes: str, ratios: str, alphas: str) -> li
     a = parse_floats(alphas)
     if not a:
         # No generate-and-classify loop inside a graph: start from the desired ratios, the usual
-        # first step of UCE's debias loop. Fit calibrated alphas with concept_edit.debias.fit_debias.
+        # first step of UCE's debias loop. Fit calibrated alphas with concept_edit.engines.debias.fit_debias.
         a = list(r) if r else [1.0 / max(len(attrs), 1)] * len(attrs)
     return [Edit("debias", c, attributes=list(attrs), ratios=list(r), alphas=list(a)) for c in names]
 
@@ -102,7 +102,7 @@ def residual_errors(model, plan: EditPlan, delta: ConceptDelta) -> dict:
 
     Only for plans whose targets are UCE-style key targets on cross-attention layers.
     """
-    from ..uce_edit import edit_keys_and_targets
+    from ..engines.uce import edit_keys_and_targets
 
     names = [n for n in delta.layers if n.startswith("unet.") and n.endswith(("attn2.to_k", "attn2.to_v"))]
     if not names:

@@ -51,7 +51,7 @@ class SaveConceptDelta:
         }
 
     def save(self, delta, filename_prefix="concept_edit/edit", rank=0, format="lora"):
-        from ..formats import save_diff, save_lora
+        from ..files.formats import save_diff, save_lora
 
         root = _loras_dir()
         path = next_path(root, filename_prefix)
@@ -68,7 +68,7 @@ class SaveConceptDelta:
 
 def delta_info(path) -> dict:
     """JSON-safe metadata of a delta file for display."""
-    from ..formats import read_metadata
+    from ..files.formats import read_metadata
 
     meta = read_metadata(path)
     return json.loads(json.dumps(meta, default=str))
@@ -104,8 +104,8 @@ class LoadConceptDelta:
         import folder_paths
 
         from ..adapters.comfy_model import ComfyEditableModel
-        from ..comfy_patches import apply_to_comfy
-        from ..formats import load_delta
+        from ..files.formats import load_delta
+        from .patches import apply_to_comfy
 
         path = folder_paths.get_full_path_or_raise("loras", delta_name)
         known = None

@@ -7,7 +7,7 @@ Edits are computed against the *effective* weights: the MODEL's and CLIP's exist
 """
 from __future__ import annotations
 
-from ..methods import compute_delta
+from ..engines.registry import compute_delta
 from .common import (
     CATEGORY,
     DELTA_TYPE,
@@ -94,7 +94,7 @@ class _EditNode:
 def run_edit(model, clip, plan, *, strength: float = 1.0, base: str = "patched", site: str = "unet"):
     """Compute ``plan`` on (model, clip) and return the node result with its UI summary."""
     from ..adapters.comfy_model import ComfyEditableModel, text_encoder_model
-    from ..comfy_patches import apply_to_comfy
+    from .patches import apply_to_comfy
 
     if site == "text_encoder":
         em = text_encoder_model(clip, model)

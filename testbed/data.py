@@ -6,7 +6,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .grammar import HOLDOUT_STYLE_TEMPLATES, HOLDOUT_TEMPLATES, TRAIN_STYLE_TEMPLATES, TRAIN_TEMPLATES, fill, sample_caption
+from .grammar import (
+    HOLDOUT_STYLE_TEMPLATES,
+    HOLDOUT_TEMPLATES,
+    TRAIN_STYLE_TEMPLATES,
+    TRAIN_TEMPLATES,
+    fill,
+    sample_caption,
+)
 from .render import render_labels
 from .world import ATTRIBUTE_WORDS, World
 

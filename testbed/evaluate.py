@@ -15,7 +15,13 @@ import numpy as np
 import torch
 
 from .classifier import HEADS, Classifier
-from .grammar import HOLDOUT_STYLE_TEMPLATES, HOLDOUT_TEMPLATES, TRAIN_STYLE_TEMPLATES, TRAIN_TEMPLATES, fill
+from .grammar import (
+    HOLDOUT_STYLE_TEMPLATES,
+    HOLDOUT_TEMPLATES,
+    TRAIN_STYLE_TEMPLATES,
+    TRAIN_TEMPLATES,
+    fill,
+)
 from .world import World, build_world
 
 STEPS = 10

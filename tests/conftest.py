@@ -10,7 +10,7 @@ warnings.filterwarnings("ignore", message=".*torchvision.*")
 def tiny():
     """Tiny random pipelines per family, built once; tests must leave their weights unchanged."""
     from concept_edit.adapters.diffusers_model import DiffusersModel
-    from concept_edit.tiny_models import build_tiny_pipeline
+    from concept_edit.testing.tiny_models import build_tiny_pipeline
 
     cache = {}
 

@@ -5,11 +5,10 @@ import sys
 
 import pytest
 import torch
-from PIL import Image
-
 from concept_edit.adapters.diffusers_model import ModelLoadError, load_pipeline
-from concept_edit.cli import main
-from concept_edit.formats import load_delta, read_metadata
+from concept_edit.cli.main import main
+from concept_edit.files.formats import load_delta, read_metadata
+from PIL import Image
 
 
 def test_edit_info_apply_export(tiny_sd1_dir, tmp_path, capsys):
@@ -78,11 +77,11 @@ def test_refusals(tiny_sd1_dir, tmp_path, capsys):
         load_pipeline(tmp_path / "nope")
 
     # a delta made for SDXL refused on SD 1.x with a message naming the problem
-    from concept_edit.edits import plan_from_dict
-    from concept_edit.formats import save_lora
-    from concept_edit.tiny_models import build_tiny_pipeline
     from concept_edit.adapters.diffusers_model import DiffusersModel
-    from concept_edit.uce_edit import uce_delta
+    from concept_edit.core.plan import plan_from_dict
+    from concept_edit.engines.uce import uce_delta
+    from concept_edit.files.formats import save_lora
+    from concept_edit.testing.tiny_models import build_tiny_pipeline
 
     xl = DiffusersModel(build_tiny_pipeline("sdxl"))
     p = tmp_path / "xl.safetensors"

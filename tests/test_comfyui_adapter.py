@@ -38,8 +38,8 @@ spec.loader.exec_module(ce)
 from importlib import import_module
 pkg = ce.__name__
 ComfyEditableModel = import_module(pkg + ".adapters.comfy_model").ComfyEditableModel
-apply_to_comfy = import_module(pkg + ".comfy_patches").apply_to_comfy
-save_lora = import_module(pkg + ".formats").save_lora
+apply_to_comfy = import_module(pkg + ".nodes.patches").apply_to_comfy
+save_lora = import_module(pkg + ".files.formats").save_lora
 
 model, clip, vae = comfy.sd.load_checkpoint_guess_config(sys.argv[1], output_vae=False, output_clip=True)[:3]
 em = ComfyEditableModel(model, clip)

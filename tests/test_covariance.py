@@ -6,8 +6,8 @@ CAPS = ["a cat on a mat", "a dog in the park", "an old red car"]
 
 
 def test_second_moment_matches_direct_computation_and_caches(tiny, tmp_path):
-    from concept_edit import covariance as cv
-    from concept_edit import text_encoder_edit as te
+    from concept_edit.adapters import text_encoder as te
+    from concept_edit.engines import second_moments as cv
 
     _, model = tiny("sd1")
     name = te.fc2_name("text_encoder", 1)
@@ -35,8 +35,8 @@ def test_second_moment_matches_direct_computation_and_caches(tiny, tmp_path):
 def test_excluding_edited_concepts_equals_c0_of_the_other_captions(tiny, tmp_path):
     """Subtracting the dropped captions from the cached sums (few dropped) and summing the kept
     ones (most dropped) both give C0 of the remaining captions; the cache keeps the full corpus."""
-    from concept_edit import covariance as cv
-    from concept_edit import text_encoder_edit as te
+    from concept_edit.adapters import text_encoder as te
+    from concept_edit.engines import second_moments as cv
 
     _, model = tiny("sd1")
     name = te.fc2_name("text_encoder", 0)

@@ -1,9 +1,8 @@
 """The debias loop: generate, classify, update alpha; every iteration starts from the original weights."""
 import numpy as np
 import torch
-
-from concept_edit.debias import fit_debias, observed_ratios
-from concept_edit.edits import plan_from_dict
+from concept_edit.core.plan import plan_from_dict
+from concept_edit.engines.debias import fit_debias, observed_ratios
 
 
 def test_observed_ratios():

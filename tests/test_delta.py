@@ -1,9 +1,8 @@
 """Delta objects: factor algebra, fingerprints, apply/remove bit-exactly in any order."""
 import pytest
 import torch
-
-from concept_edit.apply import DeltaMismatchError, apply_delta
-from concept_edit.delta import ConceptDelta, LayerDelta, fingerprint
+from concept_edit.core.apply import DeltaMismatchError, apply_delta
+from concept_edit.core.delta import ConceptDelta, LayerDelta, fingerprint
 
 
 def test_compact_is_exact_and_bounds_rank():

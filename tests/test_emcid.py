@@ -1,9 +1,12 @@
 """EMCID: stage II against its objective, multi-layer spreading, stage I caching, layer selection."""
 import pytest
 import torch
-
-from concept_edit.edits import Edit, EditPlan
-from concept_edit.solvers.emcid import emcid_objective, emcid_solve_layer, spread_residual
+from concept_edit.core.plan import Edit, EditPlan
+from concept_edit.solvers.emcid import (
+    emcid_objective,
+    emcid_solve_layer,
+    spread_residual,
+)
 
 
 def _problem(seed=0, n=5, d=20, out=8):
@@ -47,7 +50,7 @@ def test_spread_residual():
 
 # -- layer selection ---------------------------------------------------------------------------
 def test_layer_selection_per_family(tiny):
-    from concept_edit.text_encoder_edit import LayerSelectionError, resolve_layers
+    from concept_edit.adapters.text_encoder import LayerSelectionError, resolve_layers
 
     assert resolve_layers(tiny("sd1")[1]) == {"text_encoder": [0, 1]}
     assert resolve_layers(tiny("sd2")[1]) == {"text_encoder": [0, 1]}
@@ -76,7 +79,7 @@ def _plan(**options):
 @pytest.mark.filterwarnings("ignore::concept_edit.solvers.linalg.IllConditionedWarning")
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_multilayer_spread_reaches_target_as_alpha_to_one(tiny, family, tmp_path):
-    from concept_edit.emcid_edit import emcid_delta
+    from concept_edit.engines.emcid import emcid_delta
 
 
     _, model = tiny(family)
@@ -97,7 +100,11 @@ def test_multilayer_spread_reaches_target_as_alpha_to_one(tiny, family, tmp_path
 
 
 def test_stage_i_cache_resume_counts_steps(tiny, tmp_path):
-    from concept_edit.emcid_targets import StageIConfig, TargetRequest, compute_targets
+    from concept_edit.engines.stage_i import (
+        StageIConfig,
+        TargetRequest,
+        compute_targets,
+    )
 
     _, model = tiny("sd1")
     reqs = [TargetRequest("cat", "dog"), TargetRequest("car", "boat"), TargetRequest("tree", "")]
@@ -122,7 +129,11 @@ def test_stage_i_cache_resume_counts_steps(tiny, tmp_path):
 
 
 def test_stage_i_image_variant_and_clamp(tiny):
-    from concept_edit.emcid_targets import StageIConfig, TargetRequest, compute_targets
+    from concept_edit.engines.stage_i import (
+        StageIConfig,
+        TargetRequest,
+        compute_targets,
+    )
 
     _, model = tiny("sd2")  # v-prediction: the target is the velocity of the true noise
     lat = torch.randn(2, 4, 16, 16)
@@ -130,15 +141,15 @@ def test_stage_i_image_variant_and_clamp(tiny):
     cfg = StageIConfig(mode="images", steps=3, clamp=0.05)
     r = compute_targets(model, reqs, ["a photo of a {}"], {"text_encoder": [0, 1]}, cfg, progress=False)
     assert r.steps_run == 3
-    from concept_edit.keys import expand
-    from concept_edit.text_encoder_edit import subject_states, tokenize_prompts
+    from concept_edit.adapters.text_encoder import subject_states, tokenize_prompts
+    from concept_edit.core.prompts import expand
 
     h = subject_states(model, "text_encoder", tokenize_prompts(model, expand("cat", ["a photo of a {}"])), out_layers=[1])
     assert r.deltas["text_encoder"].norm() <= 0.05 * h[("out", 1)].norm() * (1 + 1e-5)
 
 
 def test_emcid_with_distilled_targets_and_uce_combination(tiny, tmp_path):
-    from concept_edit.emcid_edit import emcid_delta, emcid_uce_delta
+    from concept_edit.engines.emcid import emcid_delta, emcid_uce_delta
 
     _, model = tiny("sdxl")
     plan = _plan(targets="distill", steps=2, gen_steps=2, images_per_concept=1, cov_cache_dir=str(tmp_path / "c"),
@@ -154,13 +165,12 @@ def test_emcid_with_distilled_targets_and_uce_combination(tiny, tmp_path):
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_lora_export_of_text_encoder_edit(tiny, family, tmp_path):
-    formats = pytest.importorskip("concept_edit.formats")
+    formats = pytest.importorskip("concept_edit.files.formats")
+    from concept_edit.adapters.text_encoder import text_module
+    from concept_edit.core.apply import apply_delta
+    from concept_edit.engines.emcid import emcid_delta
+    from concept_edit.testing.tiny_models import build_tiny_pipeline
     from safetensors import safe_open
-
-    from concept_edit.apply import apply_delta
-    from concept_edit.emcid_edit import emcid_delta
-    from concept_edit.text_encoder_edit import text_module
-    from concept_edit.tiny_models import build_tiny_pipeline
 
     _, model = tiny(family)
     delta = emcid_delta(model, _plan(alpha=0.9, cov_cache_dir=str(tmp_path)), progress=False)
@@ -203,8 +213,8 @@ def test_stage_ii_matches_public_emcid_parametrisation():
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_resumed_forward_equals_full_forward(tiny, family):
-    from concept_edit.keys import expand
-    from concept_edit.text_encoder_edit import subject_states, tokenize_prompts
+    from concept_edit.adapters.text_encoder import subject_states, tokenize_prompts
+    from concept_edit.core.prompts import expand
 
     _, model = tiny(family)
     pr = tokenize_prompts(model, expand("cat", ["a photo of a {}", "{}", "a big red {} on a table"]))

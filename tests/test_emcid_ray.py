@@ -5,7 +5,11 @@ ray = pytest.importorskip("ray")
 
 
 def test_stage_i_through_ray_matches_cache_protocol(tiny, tmp_path):
-    from concept_edit.emcid_targets import StageIConfig, TargetRequest, compute_targets
+    from concept_edit.engines.stage_i import (
+        StageIConfig,
+        TargetRequest,
+        compute_targets,
+    )
 
     _, model = tiny("sd1")
     reqs = [TargetRequest("cat", "dog"), TargetRequest("car", "boat")]

@@ -1,15 +1,13 @@
 """Delta files: LoRA round trip through diffusers' own loader, diff files, truncation, refusals."""
-import json
 
 import pytest
 import torch
+from concept_edit.core.apply import apply_delta
+from concept_edit.core.atomic import OutputExistsError
+from concept_edit.core.plan import plan_from_dict
+from concept_edit.engines.uce import uce_delta
+from concept_edit.files.formats import load_delta, read_metadata, save_diff, save_lora
 from safetensors import safe_open
-
-from concept_edit.apply import apply_delta
-from concept_edit.edits import plan_from_dict
-from concept_edit.fileio import OutputExistsError
-from concept_edit.formats import load_delta, read_metadata, save_diff, save_lora
-from concept_edit.uce_edit import uce_delta
 
 PLAN = {"edits": [{"replace": "cat", "with": "dog"}, {"erase": "Van Gogh", "type": "style"}, {"moderate": "gore"}],
         "preserve": ["horse"]}
@@ -21,7 +19,7 @@ def _weights_snapshot(W):
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_lora_loads_in_diffusers_and_reproduces_edit(tiny, family, tmp_path):
-    from concept_edit.tiny_models import build_tiny_pipeline
+    from concept_edit.testing.tiny_models import build_tiny_pipeline
 
     pipe, model = tiny(family)
     delta = uce_delta(model, plan_from_dict(PLAN), progress=False)

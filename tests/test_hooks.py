@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from concept_edit.hooks.attention_maps import (
     AttentionStore,
     ComfyAttn2Capture,

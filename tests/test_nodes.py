@@ -10,11 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from concept_edit.comfy_patches import lora_state_dict, split_components
-from concept_edit.delta import ConceptDelta, LayerDelta
-from concept_edit.edits import PlanError
-from concept_edit.methods import compute_delta
+from concept_edit.core.delta import ConceptDelta, LayerDelta
+from concept_edit.core.plan import PlanError
+from concept_edit.engines.registry import compute_delta
 from concept_edit.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from concept_edit.nodes.common import (
     common_settings,
@@ -30,6 +28,7 @@ from concept_edit.nodes.common import (
     residual_errors,
 )
 from concept_edit.nodes.delta_io_nodes import next_path
+from concept_edit.nodes.patches import lora_state_dict, split_components
 
 REPO = Path(__file__).resolve().parents[1]
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
@@ -115,9 +114,8 @@ def test_residual_and_summary_on_a_real_edit(tiny):
 
 
 def test_lora_state_dict_matches_saved_file(tmp_path):
+    from concept_edit.files.formats import save_lora
     from safetensors.torch import load_file
-
-    from concept_edit.formats import save_lora
 
     g = torch.Generator().manual_seed(0)
     layers = {

@@ -1,8 +1,7 @@
 """Null-space constrained editing: solver against its objective, projector, history, engines."""
 import pytest
 import torch
-
-from concept_edit.edits import Edit, EditPlan
+from concept_edit.core.plan import Edit, EditPlan
 from concept_edit.solvers.nullspace import (
     EditHistory,
     null_space_projector,
@@ -104,8 +103,8 @@ def _plan(**options):
 
 
 def _states(model, texts):
-    from concept_edit import text_encoder_edit as te
-    from concept_edit.keys import Prompt
+    from concept_edit.adapters import text_encoder as te
+    from concept_edit.core.prompts import Prompt
 
     pr = te.tokenize_prompts(model, [Prompt(t, 0) for t in texts])
     ehs, _, _ = te.unet_conditioning(model, pr)
@@ -114,15 +113,15 @@ def _states(model, texts):
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_text_encoder_site_keeps_preserved_prompts(tiny, family):
-    from concept_edit.apply import apply_delta
-    from concept_edit.nullspace_edit import nullspace_delta
+    from concept_edit.core.apply import apply_delta
+    from concept_edit.engines.nullspace import nullspace_delta
 
 
     _, model = tiny(family)
     plan = _plan()
     delta = nullspace_delta(model, plan, progress=False)
     assert delta.metadata["method"] == "nullspace"
-    from concept_edit.text_encoder_edit import text_module
+    from concept_edit.adapters.text_encoder import text_module
 
     for n, k in delta.metadata["kept_rank"].items():
         assert 0 < k < text_module(model, n).weight.shape[1] and delta.metadata["leakage"][n] < 1e-8
@@ -147,8 +146,9 @@ def test_text_encoder_site_keeps_preserved_prompts(tiny, family):
 
 
 def test_cross_attention_site_projects_out_preserved_keys(tiny):
-    from concept_edit.keys import KeyEncoder, expand
-    from concept_edit.nullspace_edit import nullspace_delta
+    from concept_edit.core.prompts import expand
+    from concept_edit.engines.keys import KeyEncoder
+    from concept_edit.engines.nullspace import nullspace_delta
 
     _, model = tiny("sd1")
     plan = _plan(site="cross_attention")
@@ -171,7 +171,7 @@ def test_cross_attention_site_projects_out_preserved_keys(tiny):
 
 
 def test_history_file_carries_sequential_edits(tiny, tmp_path):
-    from concept_edit.nullspace_edit import load_history, nullspace_delta
+    from concept_edit.engines.nullspace import load_history, nullspace_delta
 
     _, model = tiny("sd1")
     hf = tmp_path / "history.safetensors"

@@ -3,18 +3,21 @@ import hashlib
 
 import pytest
 import torch
-from safetensors import safe_open
-
-from concept_edit import ldm_layout as L
 from concept_edit.adapters.base import text_module_path
 from concept_edit.adapters.diffusers_model import DiffusersModel, load_pipeline
+from concept_edit.adapters.ldm_convert import canonical_state_dict, save_single_file
+from concept_edit.adapters.ldm_keymap import (
+    TEXT_ENCODERS,
+    canonical_to_single_file_keys,
+)
 from concept_edit.adapters.single_file_model import SingleFileModel
-from concept_edit.delta import ConceptDelta, LayerDelta
-from concept_edit.edits import plan_from_dict
-from concept_edit.export import export_single_file
-from concept_edit.fileio import OutputExistsError
-from concept_edit.tiny_models import build_tiny_pipeline
-from concept_edit.uce_edit import uce_delta
+from concept_edit.core.atomic import OutputExistsError
+from concept_edit.core.delta import ConceptDelta, LayerDelta
+from concept_edit.core.plan import plan_from_dict
+from concept_edit.engines.uce import uce_delta
+from concept_edit.files.export import export_single_file
+from concept_edit.testing.tiny_models import build_tiny_pipeline
+from safetensors import safe_open
 
 FAMILIES = ["sd1", "sd2", "sdxl"]
 PLAN = {"edits": [{"erase": "cat"}], "preserve": ["tree"]}
@@ -30,7 +33,7 @@ def single(tmp_path_factory):
             pipe = build_tiny_pipeline(family)
             root = tmp_path_factory.mktemp(f"single_{family}")
             pipe.save_pretrained(str(root / "config"))
-            path = L.save_single_file(pipe, root / f"{family}.safetensors")
+            path = save_single_file(pipe, root / f"{family}.safetensors")
             cache[family] = (pipe, root / "config", path)
         return cache[family]
 
@@ -55,7 +58,7 @@ def sha(path):
 
 
 def assert_same_weights(a, b):
-    sa, sb = L.canonical_state_dict(a), L.canonical_state_dict(b)
+    sa, sb = canonical_state_dict(a), canonical_state_dict(b)
     assert sa.keys() == sb.keys()
     bad = [k for k in sa if sa[k].shape != sb[k].shape or not torch.equal(sa[k], sb[k])]
     assert not bad, f"{len(bad)} tensors differ, e.g. {bad[:3]}"
@@ -83,10 +86,10 @@ def test_diffusers_loads_written_file_exactly(single, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_canonical_keys(single, family):
     pipe, cfg, path = single(family)
-    keys = L.canonical_to_single_file_keys(pipe)
-    assert keys == L.canonical_to_single_file_keys(cfg)  # from the configs alone
+    keys = canonical_to_single_file_keys(pipe)
+    assert keys == canonical_to_single_file_keys(cfg)  # from the configs alone
     n_te = sum(k.startswith("text_encoder") for k in keys)
-    assert n_te == 2 * sum(getattr(pipe, c).config.num_hidden_layers for c in L.TEXT_ENCODERS if getattr(pipe, c, None) is not None)
+    assert n_te == 2 * sum(getattr(pipe, c).config.num_hidden_layers for c in TEXT_ENCODERS if getattr(pipe, c, None) is not None)
     model = DiffusersModel(pipe)
     assert {k for k in keys if k.startswith("unet.")} == set(model.cross_attention_weights())
     with safe_open(str(path), framework="pt") as f:
@@ -143,8 +146,8 @@ def test_export_from_single_file(single, full_delta, family, tmp_path):
     export_single_file(path, None, model, delta, out)
     assert sha(path) == before  # the source is never written to
     new = load_pipeline(out, config=cfg)
-    src = L.canonical_state_dict(pipe)
-    got = L.canonical_state_dict(new)
+    src = canonical_state_dict(pipe)
+    got = canonical_state_dict(new)
     edited = {n + ".weight": n for n in delta.layers}  # canonical parameter names
     assert set(edited) <= set(src)
     for key, t in src.items():
@@ -179,7 +182,7 @@ def test_export_from_pipeline(single, full_delta, tmp_path):
         assert w.dtype == torch.float32  # load_pipeline's dtype; the file holds float16
         torch.testing.assert_close(w, (pristine[n] + ld.dense()).half().float())
     with pytest.raises(OutputExistsError):
-        L.save_single_file(pipe, out)
+        save_single_file(pipe, out)
 
 
 def test_refusals(single, tmp_path):
@@ -197,8 +200,8 @@ def test_refusals(single, tmp_path):
 
 def test_cli_single_file_edit_and_export(single, tmp_path):
     """CLI on a single file: the edit never builds the UNet; exports go file->file and folder->file."""
-    from concept_edit.cli import main
-    from concept_edit.formats import load_delta
+    from concept_edit.cli.main import main
+    from concept_edit.files.formats import load_delta
 
     pipe, config, path = single("sd1")
     before = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -209,7 +212,7 @@ def test_cli_single_file_edit_and_export(single, tmp_path):
     for out, src in ((tmp_path / "a.safetensors", path), (tmp_path / "b.safetensors", config)):
         assert main(["export", "--model", str(src), "--config", str(config), str(d), "-o", str(out)]) == 0
         with safe_open(str(out), "pt") as f, safe_open(str(path), "pt") as g:
-            keys = L.canonical_to_single_file_keys(pipe)
+            keys = canonical_to_single_file_keys(pipe)
             for name, ld in delta.layers.items():
                 k = keys[name]
                 torch.testing.assert_close(f.get_tensor(k), g.get_tensor(k) + ld.dense(), rtol=1e-5, atol=1e-6)

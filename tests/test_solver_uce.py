@@ -1,7 +1,6 @@
 """UCE closed form: optimality, limits, shared factorization vs the published per-layer formula."""
 import pytest
 import torch
-
 from concept_edit.solvers.linalg import IllConditionedWarning, solve_spd
 from concept_edit.solvers.uce import uce_solve, uce_solve_layer
 

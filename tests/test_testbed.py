@@ -2,10 +2,15 @@
 import numpy as np
 import pytest
 import torch
-
 from concept_edit.testbed import CLASSIFIER_PATH, get_world, model_dir
-from concept_edit.testbed.grammar import HOLDOUT_STYLE_TEMPLATES, HOLDOUT_TEMPLATES, TRAIN_STYLE_TEMPLATES, TRAIN_TEMPLATES
+from concept_edit.testbed.grammar import (
+    HOLDOUT_STYLE_TEMPLATES,
+    HOLDOUT_TEMPLATES,
+    TRAIN_STYLE_TEMPLATES,
+    TRAIN_TEMPLATES,
+)
 from concept_edit.testbed.world import build_world
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -51,9 +56,8 @@ def test_caption_corpus_and_rare_aliases_absent():
 
 
 def test_tokenizer_gives_one_token_per_word(tmp_path):
-    from transformers import CLIPTokenizer
-
     from concept_edit.testbed.tokenizer import all_words, write_tokenizer
+    from transformers import CLIPTokenizer
 
     w = build_world(1000)
     words = all_words(w)
@@ -86,11 +90,16 @@ def test_classifier_on_fresh_renders():
 def test_uce_edit_forgets_source_and_keeps_holdout():
     """Real efficacy: replace one object by another on the bundled model, classify generations."""
     from concept_edit.adapters.diffusers_model import DiffusersModel
-    from concept_edit.apply import apply_delta
-    from concept_edit.edits import plan_from_dict
-    from concept_edit.testbed import demo_holdout, demo_plan, load_classifier, load_testbed_pipeline
+    from concept_edit.core.apply import apply_delta
+    from concept_edit.core.plan import plan_from_dict
+    from concept_edit.engines.uce import uce_delta
+    from concept_edit.testbed import (
+        demo_holdout,
+        demo_plan,
+        load_classifier,
+        load_testbed_pipeline,
+    )
     from concept_edit.testbed.evaluate import concept_hit, generate, head_probs
-    from concept_edit.uce_edit import uce_delta
 
     pipe = load_testbed_pipeline()
     clf = load_classifier()
@@ -128,8 +137,8 @@ def test_uce_edit_forgets_source_and_keeps_holdout():
 def test_uce_erases_artist_and_keeps_holdout_artist():
     """Real efficacy on styles: erase one artist with UCE; its prompts lose the style, another artist keeps hers."""
     from concept_edit.adapters.diffusers_model import DiffusersModel
-    from concept_edit.apply import apply_delta
-    from concept_edit.edits import plan_from_dict
+    from concept_edit.core.apply import apply_delta
+    from concept_edit.core.plan import plan_from_dict
     from concept_edit.testbed import load_classifier, load_testbed_pipeline
     from concept_edit.testbed.evaluate import generate, head_probs
 
@@ -159,7 +168,7 @@ def test_uce_erases_artist_and_keeps_holdout_artist():
 
 
 def uce_delta_(model, plan):
-    from concept_edit.uce_edit import uce_delta
+    from concept_edit.engines.uce import uce_delta
 
     return uce_delta(model, plan, progress=False)
 
@@ -169,12 +178,12 @@ ERASE_ARTIST, HOLDOUT_ARTIST, KEEP_ARTIST = 0, 7, 13
 
 def test_text_pretraining_targets_and_learning(tmp_path):
     """Phase 1 reads the right token positions and its probe learns the factors."""
-    from transformers import CLIPTokenizer
+    import random
 
     from concept_edit.testbed import train
     from concept_edit.testbed.text_pretrain import _batch, pretrain_text_encoder
     from concept_edit.testbed.tokenizer import all_words, write_tokenizer
-    import random
+    from transformers import CLIPTokenizer
 
     w = build_world(1000)
     tok = CLIPTokenizer.from_pretrained(write_tokenizer(tmp_path, all_words(w), model_max_length=32))

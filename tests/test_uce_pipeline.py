@@ -1,12 +1,12 @@
 """UCE on tiny SD 1.x / 2.x / XL pipelines: keys match what the UNet reads, edits hit their targets."""
 import pytest
 import torch
-
 from concept_edit.adapters.base import PromptTooLongError
-from concept_edit.apply import apply_delta
-from concept_edit.edits import PlanError, plan_from_dict
-from concept_edit.keys import KeyEncoder, Prompt, expand
-from concept_edit.uce_edit import uce_delta
+from concept_edit.core.apply import apply_delta
+from concept_edit.core.plan import PlanError, plan_from_dict
+from concept_edit.core.prompts import Prompt, expand
+from concept_edit.engines.keys import KeyEncoder
+from concept_edit.engines.uce import uce_delta
 
 FAMILIES = ["sd1", "sd2", "sdxl"]
 

@@ -43,7 +43,7 @@ DEFAULT_METHODS = ["uce", "emcid", "emcid:cov_weight=1000", "nullspace", "nullsp
 
 
 def uce_method(model, plan):
-    from concept_edit.uce_edit import uce_delta
+    from concept_edit.engines.uce import uce_delta
 
     return uce_delta(model, plan, progress=False)
 
@@ -69,7 +69,9 @@ def build_methods(specs: list[str], corpus: list[str]):
             out[spec] = uce_method
             continue
         try:
-            from concept_edit.bench_methods import make_method
+            from presets import (
+                make_method,  # bench/quality/presets.py (this script's folder is on sys.path)
+            )
 
             out[spec] = make_method(name, corpus=corpus, **opts)
         except Exception as e:  # a method not installed in this checkout
@@ -80,7 +82,11 @@ def build_methods(specs: list[str], corpus: list[str]):
 class Bench:
     def __init__(self, quick: bool, seed: int = 0, model_path=None):
         from concept_edit.adapters.diffusers_model import DiffusersModel
-        from concept_edit.testbed import get_world, load_classifier, load_testbed_pipeline
+        from concept_edit.testbed import (
+            get_world,
+            load_classifier,
+            load_testbed_pipeline,
+        )
 
         self.quick = quick
         self.pipe = load_testbed_pipeline(model_path)
@@ -168,7 +174,7 @@ class Bench:
 
     # -- edits ---------------------------------------------------------------------------
     def apply(self, method, plan):
-        from concept_edit.apply import apply_delta
+        from concept_edit.core.apply import apply_delta
 
         t0 = time.time()
         delta = method(self.model, plan)
@@ -183,7 +189,7 @@ class Bench:
         return [o.name for o in pool[:100]]
 
     def object_sweep(self, method, counts, kind="replace"):
-        from concept_edit.edits import plan_from_dict
+        from concept_edit.core.plan import plan_from_dict
 
         rows = []
         for n in counts:
@@ -222,7 +228,7 @@ class Bench:
         return rows
 
     def rectification(self, method):
-        from concept_edit.edits import plan_from_dict
+        from concept_edit.core.plan import plan_from_dict
 
         srcs = self.rare
         P, S, O = self.object_prompts(srcs, EVAL_PARA if self.quick else EVAL_PARA + EVAL_TPL, use_alias=True, seed_base=7000)
@@ -249,7 +255,7 @@ class Bench:
                 "HD": round(hh1 - hh0, 4)}
 
     def style_erasure(self, method, counts):
-        from concept_edit.edits import plan_from_dict
+        from concept_edit.core.plan import plan_from_dict
 
         arts = list(self.world.artists)
         random.Random(self.seed + 1).shuffle(arts)
@@ -295,10 +301,10 @@ class Bench:
 
     def debias(self, per: int, n_images: int = 8, iters: int = 6):
         """UCE debias of every profession towards 50/50 crowned/bare, alphas fitted with the classifier."""
-        from concept_edit.apply import apply_delta
-        from concept_edit.debias import fit_debias
-        from concept_edit.edits import plan_from_dict
-        from concept_edit.uce_edit import uce_delta
+        from concept_edit.core.apply import apply_delta
+        from concept_edit.core.plan import plan_from_dict
+        from concept_edit.engines.debias import fit_debias
+        from concept_edit.engines.uce import uce_delta
 
         profs = self.world.professions
 

@@ -3,11 +3,11 @@
 Two sites (``plan.options["site"]``):
 
 - ``text_encoder`` (default): ``mlp.fc2`` of the selected text-encoder layers, with the same
-  multi-layer MEMIT-style spreading as EMCID (:func:`.emcid_edit.spread_edit`); the per-layer
+  multi-layer MEMIT-style spreading as EMCID (:func:`.multilayer.spread_edit`); the per-layer
   update is :func:`.solvers.nullspace.nullspace_solve_layer` with the projector built from the
   fc2-input second moment of the preserved keys.
 - ``cross_attention``: every UNet ``attn2.to_k`` / ``attn2.to_v`` (``plan.layers``: kv | v),
-  keys and targets chosen as in UCE (:func:`.uce_edit.edit_keys_and_targets`); the projector is
+  keys and targets chosen as in UCE (:func:`.uce.edit_keys_and_targets`); the projector is
   built from the UNet-read text states of the preserved keys. The right factor depends only on
   the keys, so it is solved once and shared by every layer.
 
@@ -36,14 +36,15 @@ import time
 
 import torch
 
-from .covariance import TEXT_STATES, _compute, c0_exclusions, second_moments
-from .delta import ConceptDelta, LayerDelta
-from .edits import EditPlan
-from .emcid_edit import _base_meta, plan_requests, spread_edit, stage_i_config
-from .emcid_targets import STATES, compute_targets
-from .keys import expand
-from .solvers.nullspace import EditHistory, null_space_projector, nullspace_solve_layer
-from .text_encoder_edit import fc2_name, resolve_layers
+from ..adapters.text_encoder import fc2_name, resolve_layers
+from ..core.delta import ConceptDelta, LayerDelta
+from ..core.plan import EditPlan
+from ..core.prompts import expand
+from ..solvers.nullspace import EditHistory, null_space_projector, nullspace_solve_layer
+from .emcid import _base_meta, plan_requests, stage_i_config
+from .multilayer import spread_edit
+from .second_moments import TEXT_STATES, _compute, c0_exclusions, second_moments
+from .stage_i import STATES, compute_targets
 
 
 def _preserve_captions(plan: EditPlan) -> list[str]:
@@ -95,7 +96,7 @@ def save_history(history: EditHistory, path) -> None:
 
     from safetensors.torch import save_file
 
-    from .fileio import atomic_path
+    from ..core.atomic import atomic_path
 
     with atomic_path(path, True) as tmp:
         save_file({k: v.contiguous() for k, v in history.grams.items()}, str(tmp), metadata={"counts": json.dumps(history.counts)})
@@ -179,7 +180,7 @@ def _text_encoder(model, plan, history, images, progress):
 
 
 def _cross_attention(model, plan, history, progress):
-    from .uce_edit import edit_keys_and_targets, edit_layers
+    from .uce import edit_keys_and_targets, edit_layers
 
     t0 = time.perf_counter()
     o = plan.options

@@ -10,12 +10,13 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .adapters.base import EditableModel
-from .delta import ConceptDelta, LayerDelta, fingerprint
-from .edits import Edit, EditPlan
-from .keys import KeyEncoder, Prompt, expand
-from .solvers.uce import uce_solve
-from .version import __version__
+from ..adapters.base import EditableModel
+from ..core.delta import ConceptDelta, LayerDelta, fingerprint
+from ..core.plan import EditPlan
+from ..core.prompts import Prompt, expand
+from ..core.version import __version__
+from ..solvers.uce import uce_solve
+from .keys import KeyEncoder
 
 
 def _targets_last(enc: KeyEncoder, plan: EditPlan, alphas: dict[str, list[float]]):

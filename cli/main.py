@@ -18,14 +18,14 @@ def _load(args, *, lazy: bool = False):
     built and edited weights are read on demand (pipe is None): enough to compute or bake a delta."""
     import torch
 
-    from .adapters.diffusers_model import DiffusersModel, load_pipeline
-    from .bundled import default_model_path
+    from ..adapters.bundled import default_model_path
+    from ..adapters.diffusers_model import DiffusersModel, load_pipeline
 
     path = args.model or default_model_path()
     autocast = torch.bfloat16 if getattr(args, "bf16", False) else None
     if lazy and Path(path).suffix.lower() == ".safetensors":
-        from .adapters.diffusers_model import ModelLoadError
-        from .adapters.single_file_model import SingleFileModel
+        from ..adapters.diffusers_model import ModelLoadError
+        from ..adapters.single_file_model import SingleFileModel
 
         if not args.config:
             raise ModelLoadError(f"loading the single file {Path(path).name} needs --config DIR: a local diffusers "
@@ -36,7 +36,7 @@ def _load(args, *, lazy: bool = False):
 
 
 def _plan_from_args(args):
-    from .edits import load_plan, plan_from_dict
+    from ..core.plan import load_plan, plan_from_dict
 
     if args.plan:
         plan = load_plan(args.plan)
@@ -69,7 +69,7 @@ def _plan_from_args(args):
 
 
 def _save(delta, out, fmt, rank, overwrite):
-    from .formats import save_diff, save_lora
+    from ..files.formats import save_diff, save_lora
 
     if fmt == "diff":
         save_diff(delta, out, overwrite=overwrite)
@@ -78,7 +78,7 @@ def _save(delta, out, fmt, rank, overwrite):
 
 
 def cmd_edit(args):
-    from .methods import compute_delta
+    from ..engines.registry import compute_delta
 
     plan = _plan_from_args(args)
     # UCE needs only text encoders and the edited weights; EMCID/null-space run the UNet.
@@ -105,8 +105,8 @@ def _prompts(args, delta):
 
 def before_after(pipe, model, delta, prompts, *, scale=1.0, seed=0, steps=20, force=False):
     """(before images, after images) with identical seeds; the delta is removed afterwards."""
-    from .apply import apply_delta
-    from .generate import generate
+    from ..adapters.generate import generate
+    from ..core.apply import apply_delta
 
     before = generate(pipe, prompts, seed=seed, steps=steps)
     handle = apply_delta(delta, model.weights(delta.layers), scale=scale, check_fingerprint=not force)
@@ -118,8 +118,8 @@ def before_after(pipe, model, delta, prompts, *, scale=1.0, seed=0, steps=20, fo
 
 
 def _write_grid(prompts, before, after, out, overwrite):
-    from .fileio import atomic_path
-    from .generate import image_grid
+    from ..adapters.generate import image_grid
+    from ..core.atomic import atomic_path
 
     grid = image_grid([before, after], ["before", "after"], prompts)
     with atomic_path(out, overwrite) as tmp:
@@ -128,7 +128,7 @@ def _write_grid(prompts, before, after, out, overwrite):
 
 def _load_deltas(paths, model):
     """One delta, or several stacked into one (their sum)."""
-    from .formats import load_delta
+    from ..files.formats import load_delta
 
     known = model.all_weights()
     deltas = [load_delta(p, known_layers=known) for p in paths]
@@ -148,7 +148,7 @@ def cmd_apply(args):
 
 
 def cmd_export(args):
-    from .export import export_diffusers, export_single_file
+    from ..files.export import export_diffusers, export_single_file
 
     out = Path(args.output)
     single_out = out.suffix.lower() == ".safetensors"
@@ -165,7 +165,7 @@ def cmd_export(args):
 
 
 def cmd_info(args):
-    from .formats import load_delta, read_metadata
+    from ..files.formats import load_delta, read_metadata
 
     meta = read_metadata(args.delta)
     delta = load_delta(args.delta) if meta else None
@@ -176,10 +176,10 @@ def cmd_info(args):
 
 
 def cmd_demo(args):
-    from .bundled import default_demo_plan, default_model_path
-    from .edits import plan_from_dict
-    from .formats import save_lora
-    from .methods import compute_delta
+    from ..adapters.bundled import default_demo_plan, default_model_path
+    from ..core.plan import plan_from_dict
+    from ..engines.registry import compute_delta
+    from ..files.formats import save_lora
 
     args.model = args.model or str(default_model_path())
     path, pipe, model = _load(args)

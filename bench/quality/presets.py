@@ -2,7 +2,7 @@
 
 Each callable fills in method options the plan does not set (the plan's own ``options`` win),
 so a benchmark can hand every method the same EditPlan (edits, preserve, templates) and get a
-delta to apply with :func:`concept_edit.apply.apply_delta` over ``model.weights(names)``.
+delta to apply with :func:`concept_edit.core.apply.apply_delta` over ``model.weights(names)``.
 
 Presets (all cheap enough for 1,000 edits on a CPU except the ``-distill`` ones):
 
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import copy
 
-from .delta import ConceptDelta
-from .edits import EditPlan
+from concept_edit.core.delta import ConceptDelta
+from concept_edit.core.plan import EditPlan
 
 PRESETS: dict[str, tuple[str, dict]] = {
     "emcid": ("emcid", {"targets": "dest_hidden", "alpha": 0.5}),
@@ -51,14 +51,14 @@ def make_method(name: str, *, corpus=None, cache_dir=None, progress: bool = Fals
         p = with_options(plan, defaults, corpus=corpus)
         p.method = engine
         if engine == "emcid":
-            from .emcid_edit import emcid_delta
+            from concept_edit.engines.emcid import emcid_delta
 
             return emcid_delta(model, p, progress=progress)
         if engine == "emcid+uce":
-            from .emcid_edit import emcid_uce_delta
+            from concept_edit.engines.emcid import emcid_uce_delta
 
             return emcid_uce_delta(model, p, progress=progress)
-        from .nullspace_edit import nullspace_delta
+        from concept_edit.engines.nullspace import nullspace_delta
 
         return nullspace_delta(model, p, progress=progress)
 
@@ -79,10 +79,9 @@ def noise_scores(model, delta: ConceptDelta, pairs: list[tuple[str, str]], holdo
     eps' is the edited model (delta applied, then removed).
     """
     import torch
-
-    from .apply import apply_delta
-    from .keys import Prompt
-    from .text_encoder_edit import tokenize_prompts, unet_conditioning
+    from concept_edit.adapters.text_encoder import tokenize_prompts, unet_conditioning
+    from concept_edit.core.apply import apply_delta
+    from concept_edit.core.prompts import Prompt
 
     pipe = model.pipe
     g = torch.Generator("cpu").manual_seed(seed)

@@ -6,11 +6,26 @@ from pathlib import Path
 
 import torch
 
-from . import ldm_layout as L
-from .apply import apply_delta, check_compatible
-from .delta import ConceptDelta
-from .adapters.base import canonical_text_path
-from .fileio import atomic_path
+from ..adapters.base import canonical_text_path
+from ..adapters.ldm_convert import save_single_file
+from ..adapters.ldm_keymap import (
+    TEXT_ENCODERS,
+    Entry,
+    _is_pipeline,
+    detect_family,
+    entries_for,
+    pipeline_configs,
+)
+from ..adapters.safetensors_stream import (
+    SafetensorsReader,
+    copy_range,
+    read_safetensors_header,
+    tensor_bytes,
+    write_stream,
+)
+from ..core.apply import apply_delta, check_compatible
+from ..core.atomic import atomic_path
+from ..core.delta import ConceptDelta
 
 
 def export_diffusers(pipe, model, delta: ConceptDelta, out_dir: str | Path, *, scale: float = 1.0,
@@ -28,7 +43,7 @@ def export_diffusers(pipe, model, delta: ConceptDelta, out_dir: str | Path, *, s
 def _canonical_part(name: str) -> str:
     """Delta layer name -> canonical parameter name used by the layout entries."""
     comp, _, sub = name.partition(".")
-    if comp in L.TEXT_ENCODERS:
+    if comp in TEXT_ENCODERS:
         sub = canonical_text_path(sub)
     return f"{comp}.{sub}.weight"
 
@@ -62,7 +77,7 @@ def export_single_file(source: str | Path | None, pipe, model, delta: ConceptDel
       streaming one tensor at a time (memory: the largest edited tensor). ``pipe`` may be None
       when ``model`` is a :class:`~concept_edit.adapters.single_file_model.SingleFileModel`.
     * ``source`` None or a diffusers folder: ``pipe`` is converted with
-      :func:`concept_edit.ldm_layout.to_single_file_state_dict` with the delta applied
+      :func:`concept_edit.adapters.ldm_convert.to_single_file_state_dict` with the delta applied
       (``dtype`` optionally casts, e.g. ``torch.float16``); the pipeline is restored afterwards.
 
     The source is never written to; the output is written atomically and an existing output is
@@ -70,7 +85,7 @@ def export_single_file(source: str | Path | None, pipe, model, delta: ConceptDel
     """
     out_path = Path(out_path)
     if model is None:
-        from .adapters.diffusers_model import DiffusersModel
+        from ..adapters.diffusers_model import DiffusersModel
 
         model = DiffusersModel(pipe)
     weights = model.weights(delta.layers)
@@ -89,7 +104,7 @@ def export_single_file(source: str | Path | None, pipe, model, delta: ConceptDel
     meta = {"concept_edit": "baked:" + str(delta.metadata.get("base_fingerprint"))}
     handle = apply_delta(delta, weights, scale=scale, check_fingerprint=False)
     try:
-        L.save_single_file(pipe, out_path, overwrite, dtype=dtype, metadata=meta)
+        save_single_file(pipe, out_path, overwrite, dtype=dtype, metadata=meta)
     finally:
         handle.remove()
     return out_path
@@ -97,17 +112,17 @@ def export_single_file(source: str | Path | None, pipe, model, delta: ConceptDel
 
 def _bake_single_file(source: Path, layout_source, delta: ConceptDelta, out_path: Path, *, scale: float,
                       overwrite: bool) -> Path:
-    header, data_start = L.read_safetensors_header(source)
+    header, data_start = read_safetensors_header(source)
     meta = dict(header.pop("__metadata__", None) or {})
-    family = L.detect_family(L.pipeline_configs(layout_source) if L._is_pipeline(layout_source) else layout_source, header)
+    family = detect_family(pipeline_configs(layout_source) if _is_pipeline(layout_source) else layout_source, header)
     comps = sorted({n.partition(".")[0] for n in delta.layers})
-    bad = [c for c in comps if c not in ("unet",) + L.TEXT_ENCODERS]
+    bad = [c for c in comps if c not in ("unet",) + TEXT_ENCODERS]
     if bad:
         raise ValueError(f"cannot bake {bad[0]} layers into a single file")
-    entries = L.entries_for(layout_source, tuple(comps), family)
+    entries = entries_for(layout_source, tuple(comps), family)
     where = {p: (e, i) for e in entries for i, p in enumerate(e.parts)}
     bake: dict[str, list[tuple[int, str]]] = {}
-    entry_of: dict[str, L.Entry] = {}
+    entry_of: dict[str, Entry] = {}
     for name in delta.layers:
         hit = where.get(_canonical_part(name))
         if hit is None or hit[0].key not in header:
@@ -119,11 +134,11 @@ def _bake_single_file(source: Path, layout_source, delta: ConceptDelta, out_path
     specs = [(k, header[k]["dtype"], header[k]["shape"]) for k in order]
     meta["concept_edit"] = "baked:" + str(delta.metadata.get("base_fingerprint"))
 
-    with L.SafetensorsReader(source) as st, open(source, "rb") as raw:
+    with SafetensorsReader(source) as st, open(source, "rb") as raw:
         def emit(key, f):
             if key not in bake:
                 a, b = header[key]["data_offsets"]
-                L.copy_range(raw, f, data_start + a, b - a)
+                copy_range(raw, f, data_start + a, b - a)
                 return
             e = entry_of[key]
             t = st.get(key)
@@ -134,8 +149,8 @@ def _bake_single_file(source: Path, layout_source, delta: ConceptDelta, out_path
             new = e.combine(parts).to(t.dtype)
             if new.shape != t.shape:
                 raise ValueError(f"{key}: baked shape {tuple(new.shape)} != {tuple(t.shape)}")
-            f.write(L.tensor_bytes(new))
+            f.write(tensor_bytes(new))
 
         with atomic_path(out_path, overwrite) as tmp:
-            L.write_stream(tmp, specs, emit, metadata=meta)
+            write_stream(tmp, specs, emit, metadata=meta)
     return out_path

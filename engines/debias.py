@@ -10,10 +10,10 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
-from .apply import apply_delta
-from .edits import EditPlan
-from .generate import generate
-from .uce_edit import uce_delta
+from ..adapters.generate import generate
+from ..core.apply import apply_delta
+from ..core.plan import EditPlan
+from .uce import uce_delta
 
 # classify(images, attributes) -> index into attributes for each image
 Classifier = Callable[[list, list[str]], list[int]]

@@ -1,4 +1,4 @@
-"""Name mapping between diffusers component state dicts and the original single-file layout.
+"""Name maps between diffusers component state dicts and the original single-file layout.
 
 The original ("ldm" for SD 1.x/2.x, "sgm" for SDXL) checkpoint layout is what A1111, ComfyUI
 and civitai distribute: one ``.safetensors`` with every component under a fixed prefix::
@@ -24,16 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import torch
 
-from .adapters.base import canonical_text_path
+from .base import canonical_text_path
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -339,51 +337,6 @@ def pipeline_entries(pipe) -> list[Entry]:
     return layout_entries(comps, pipeline_configs(pipe))
 
 
-def canonical_state_dict(pipe) -> dict[str, torch.Tensor]:
-    """Every tensor of the pipeline's components under canonical names (``comp.key``)."""
-    out = {}
-    for comp in COMPONENTS:
-        m = getattr(pipe, comp, None)
-        if m is None:
-            continue
-        for k, v in m.state_dict().items():
-            out[f"{comp}.{canonical_text_path(k) if comp in TEXT_ENCODERS else k}"] = v
-    return out
-
-
-def to_single_file_state_dict(pipe, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The pipeline's UNet, VAE and text encoder(s) as one original-layout state dict.
-
-    Tensors are the pipeline's own where no reshaping is needed (no copy); ``dtype`` casts
-    floating-point tensors (e.g. ``torch.float16`` for a half-size file).
-    """
-    sd = canonical_state_dict(pipe)
-    entries = pipeline_entries(pipe)
-    used = {p for e in entries for p in e.parts}
-    left = [k for k in sd if k not in used and not k.endswith("position_ids")]
-    if left:
-        raise LayoutError(f"{len(left)} tensor(s) have no place in the original layout, e.g. {left[0]}")
-    out = {}
-    for e in entries:
-        t = e.combine([sd[p] for p in e.parts]).detach()
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        out[e.key] = t
-    return out
-
-
-def save_single_file(pipe, path: str | Path, overwrite: bool = False, *, dtype: torch.dtype | None = None,
-                     metadata: dict[str, str] | None = None) -> Path:
-    """Write the pipeline as an original-layout ``.safetensors`` (atomically; refuses an
-    existing ``path`` unless ``overwrite``)."""
-    from .fileio import atomic_path
-
-    sd = to_single_file_state_dict(pipe, dtype=dtype)
-    with atomic_path(path, overwrite) as tmp:
-        write_safetensors(tmp, sd, metadata=metadata)
-    return Path(path)
-
-
 # -- configs without a pipeline ---------------------------------------------------------------
 @contextlib.contextmanager
 def params_on_meta():
@@ -478,125 +431,3 @@ def canonical_to_single_file_keys(pipe_or_configs, *, family: str | None = None)
         ):
             out[e.parts[0][: -len(".weight")]] = e.key
     return out
-
-
-# -- safetensors, one tensor at a time -------------------------------------------------------
-_DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-for _n, _s in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
-    if hasattr(torch, _n):
-        _DTYPE_NAMES[getattr(torch, _n)] = _s
-_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
-COPY_CHUNK = 64 << 20
-
-
-def read_safetensors_header(path: str | Path) -> tuple[dict, int]:
-    """(header JSON, byte offset where the data section starts) of a .safetensors file."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise LayoutError(f"{path} is not a safetensors file")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100 << 20:
-            raise LayoutError(f"{path}: implausible safetensors header length {n}")
-        header = json.loads(f.read(n))
-    return header, 8 + n
-
-
-def nbytes(dtype: str, shape) -> int:
-    return math.prod(shape) * _DTYPE_SIZES[dtype]
-
-
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    t = t.detach().cpu().contiguous().reshape(-1)
-    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
-
-
-def write_stream(path: str | Path, specs: list[tuple[str, str, list[int]]], emit: Callable, *,
-                 metadata: Mapping[str, str] | None = None) -> None:
-    """Write a .safetensors file whose tensors ``(key, dtype, shape)`` are produced one at a time:
-    ``emit(key, f)`` must write exactly that tensor's bytes to ``f``."""
-    header: dict = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    off = 0
-    for key, dt, shape in specs:
-        n = nbytes(dt, shape)
-        header[key] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + n]}
-        off += n
-    hb = json.dumps(header, separators=(",", ":")).encode()
-    hb += b" " * (-len(hb) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(hb)))
-        f.write(hb)
-        for key, dt, shape in specs:
-            start = f.tell()
-            emit(key, f)
-            if f.tell() - start != nbytes(dt, shape):
-                raise LayoutError(f"{key}: wrote {f.tell() - start} bytes, expected {nbytes(dt, shape)}")
-
-
-def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], *,
-                      metadata: Mapping[str, str] | None = None) -> None:
-    """Like ``safetensors.torch.save_file`` but never concatenates the tensors in memory."""
-    specs = [(k, _DTYPE_NAMES[t.dtype], list(t.shape)) for k, t in tensors.items()]
-    write_stream(path, specs, lambda k, f: f.write(tensor_bytes(tensors[k])), metadata=metadata)
-
-
-def copy_range(src, dst, start: int, n: int) -> None:
-    """Copy ``n`` bytes at ``start`` of the open file ``src`` to the current position of ``dst``."""
-    src.seek(start)
-    buf = bytearray(min(n, COPY_CHUNK))
-    view = memoryview(buf)
-    while n:
-        got = src.readinto(view[: min(n, len(buf))])
-        if not got:
-            raise LayoutError("source file ended early")
-        dst.write(view[:got])
-        n -= got
-
-
-_TORCH_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
-
-
-class SafetensorsReader:
-    """Read single tensors of a .safetensors file with plain reads (no mmap), so the process'
-    resident memory holds only the tensors kept, never pages of the rest of the file."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        header, self.data_start = read_safetensors_header(self.path)
-        self.metadata = header.pop("__metadata__", None) or {}
-        self.header = header
-        self._f = open(self.path, "rb")
-
-    def keys(self):
-        return self.header.keys()
-
-    def __contains__(self, key):
-        return key in self.header
-
-    def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """A fresh (aligned, writable) tensor; cast to ``dtype`` if given."""
-        info = self.header[key]
-        a, b = info["data_offsets"]
-        src_dtype = _TORCH_DTYPES[info["dtype"]]
-        buf = torch.empty(b - a, dtype=torch.uint8)
-        self._f.seek(self.data_start + a)
-        if b > a and self._f.readinto(buf.numpy()) != b - a:
-            raise LayoutError(f"{self.path.name}: tensor {key} is truncated")
-        t = buf.view(src_dtype).reshape(info["shape"])
-        return t if dtype is None or dtype == src_dtype else t.to(dtype)
-
-    def close(self):
-        self._f.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

@@ -29,9 +29,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .delta import fingerprint
-from .keys import Prompt
-from .text_encoder_edit import encoder, encoder_components, padded_batch, parse_fc2_name, run_encoder, tokenize_prompts
+from ..adapters.text_encoder import (
+    encoder,
+    encoder_components,
+    padded_batch,
+    parse_fc2_name,
+    run_encoder,
+    tokenize_prompts,
+)
+from ..core.delta import fingerprint
+from ..core.prompts import Prompt
 
 TEXT_STATES = "text_states"
 

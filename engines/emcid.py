@@ -29,17 +29,14 @@ from __future__ import annotations
 
 import time
 
-import torch
-from tqdm.auto import tqdm
-
-from .apply import apply_delta
-from .delta import ConceptDelta, LayerDelta, fingerprint
-from .edits import EditPlan
-from .emcid_targets import StageIConfig, TargetRequest, compute_targets
-from .keys import expand
-from .solvers.emcid import emcid_solve_layer, spread_residual
-from .text_encoder_edit import fc2_name, resolve_layers, subject_states, tokenize_prompts
-from .version import __version__
+from ..adapters.text_encoder import fc2_name, resolve_layers
+from ..core.apply import apply_delta
+from ..core.delta import ConceptDelta, fingerprint
+from ..core.plan import EditPlan
+from ..core.version import __version__
+from ..solvers.emcid import emcid_solve_layer
+from .multilayer import spread_edit
+from .stage_i import StageIConfig, TargetRequest, compute_targets
 
 STAGE_I_KEYS = ("steps", "lr", "text_weight", "clamp", "weight_decay", "images_per_concept", "gen_steps", "guidance", "batch_concepts", "seed")
 
@@ -60,70 +57,6 @@ def stage_i_config(plan: EditPlan, default_mode: str = "distill") -> StageIConfi
     o = plan.options
     kw = {k: type(getattr(StageIConfig, k))(o[k]) for k in STAGE_I_KEYS if k in o}
     return StageIConfig(mode=o.get("targets", default_mode), **kw)
-
-
-def spread_edit(
-    model,
-    plan: EditPlan,
-    layers: dict[str, list[int]],
-    offsets: dict[str, torch.Tensor],
-    solve,
-    *,
-    key_mode: str = "mean",
-    progress: bool = True,
-) -> tuple[dict[str, LayerDelta], dict]:
-    """Multi-layer MEMIT-style driver shared by EMCID and null-space editing.
-
-    ``offsets[comp]`` (n_edits x hidden) is the wanted change of the hidden state after the last
-    edited layer at each concept's subject token; ``solve(name, K, R) -> (up, down, info)`` the
-    per-layer closed form. Edits are applied temporarily while the next layer's keys are
-    computed and removed before returning (the model is left untouched).
-    """
-    if key_mode not in ("mean", "each"):
-        raise ValueError("key_mode must be 'mean' or 'each'")
-    T = len(plan.templates)
-    n = len(plan.edits)
-    src = tokenize_prompts(model, [p for e in plan.edits for p in expand(e.source, plan.templates)])
-    owner = torch.arange(n).repeat_interleave(T)
-    out: dict[str, LayerDelta] = {}
-    report: dict = {}
-    handles = []
-    try:
-        for comp, ls in layers.items():
-            L = ls[-1]
-            # the states entering the first edited layer never change: run the layers below it once
-            st = subject_states(model, comp, src, out_layers=[L], capture_input=ls[0])
-            z0 = st[("out", L)].double()
-            resume = (ls[0], st[("in", ls[0])])
-            z_star = z0 + offsets[comp].double()[owner]
-            start = (z_star - z0).norm(dim=-1).mean().item()
-            for i, l in enumerate(tqdm(ls, desc=f"{comp} layers", disable=not progress, leave=False)):
-                # keys of layer l and z at L with layers l_0..l_{i-1} edited; the input of layer l is
-                # final from here on (only layers >= l change later), so the next pass resumes there
-                st = subject_states(model, comp, src, fc2_layers=[l], out_layers=[L], capture_input=l, start=resume)
-                resume = (l, st[("in", l)])
-                K = st[("fc2_in", l)].double()
-                R = spread_residual(z_star, st[("out", L)].double(), i, len(ls))
-                if key_mode == "mean":
-                    K = torch.zeros(n, K.shape[1], dtype=K.dtype).index_add(0, owner, K) / T
-                    R = torch.zeros(n, R.shape[1], dtype=R.dtype).index_add(0, owner, R) / T
-                name = fc2_name(comp, l)
-                up, down, info = solve(name, K, R)
-                ld = LayerDelta(up.float(), down.float()).compact()
-                out[name] = ld
-                report[name] = info
-                w = model.weights([name])
-                handles.append(apply_delta(ConceptDelta({name: ld}), w, check_fingerprint=False))
-            zf = subject_states(model, comp, src, out_layers=[L], start=resume)[("out", L)].double()
-            report[comp] = {
-                "residual_before": round(start, 6),
-                "residual_after": round((z_star - zf).norm(dim=-1).mean().item(), 6),
-                "target_norm": round(z0.norm(dim=-1).mean().item(), 6),
-            }
-    finally:
-        for h in reversed(handles):
-            h.remove()
-    return out, report
 
 
 def _base_meta(model, plan, method, hyper, layers_delta, t0, extra):
@@ -153,7 +86,7 @@ def emcid_delta(
 
     ``images`` maps a source concept to destination images for stage I mode ``images``.
     """
-    from .covariance import c0_exclusions, excludes_edited, second_moments
+    from .second_moments import c0_exclusions, excludes_edited, second_moments
 
     t0 = time.perf_counter()
     o = plan.options
@@ -203,7 +136,7 @@ def emcid_delta(
 def emcid_uce_delta(model, plan: EditPlan, *, images: dict | None = None, progress: bool = True) -> ConceptDelta:
     """EMCID on the text encoder, then UCE on cross-attention computed on the EMCID-edited encoder
     (so UCE sees the source keys as EMCID left them); the two deltas stacked."""
-    from .uce_edit import uce_delta
+    from .uce import uce_delta
 
     d1 = emcid_delta(model, plan, images=images, progress=progress)
     h = apply_delta(d1, model.weights(list(d1.layers)), check_fingerprint=False)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from .delta import ConceptDelta, LayerDelta
-from .formats import kohya_name
+from ..core.delta import ConceptDelta, LayerDelta
+from ..files.formats import kohya_name
 
 
 class UnloadedKeysError(ValueError):

@@ -38,9 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .delta import fingerprint
-from .keys import expand
-from .text_encoder_edit import (
+from ..adapters.text_encoder import (
     Injection,
     encoder_components,
     subject_states,
@@ -48,6 +46,8 @@ from .text_encoder_edit import (
     tokenize_prompts,
     unet_conditioning,
 )
+from ..core.delta import fingerprint
+from ..core.prompts import expand
 
 MODES = ("distill", "images", "text", "dest_hidden", "refine")
 STATES = "states"  # pseudo-component: offsets on the UNet-read text states (cross-attention editing)

@@ -22,9 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapters.base import text_module_path
-
-from .keys import Prompt
+from ..core.prompts import Prompt
+from .base import text_module_path
 
 
 class LayerSelectionError(ValueError):
@@ -144,7 +143,7 @@ def tokenize_prompts(model, prompts: list[Prompt]) -> list[TokenizedPrompt]:
     for p in prompts:
         ids = model.token_ids(p.text)
         if len(ids) + 2 > model.max_tokens:
-            from .adapters.base import PromptTooLongError
+            from .base import PromptTooLongError
 
             raise PromptTooLongError(p.text, len(ids) + 2, model.max_tokens)
         n_sub = len(model.token_ids(p.text[: p.subject_end])) if p.subject_end else 0

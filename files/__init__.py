@@ -1,0 +1,1 @@
+"""Files on disk: atomic writes, delta files (LoRA / diff), exported models."""

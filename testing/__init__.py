@@ -1,0 +1,1 @@
+"""Helpers for tests and benchmarks: tiny random-weight pipelines, the real CLIP tokenizer built offline."""
