@@ -35,37 +35,93 @@ def _load(args, *, lazy: bool = False):
     return path, pipe, DiffusersModel(pipe, autocast_dtype=autocast)
 
 
-def _plan_from_args(args):
-    from ..core.plan import load_plan, plan_from_dict
+EDIT_FLAGS = ("erase", "erase_style", "replace", "moderate", "debias", "guide")
+# CLI flag (argparse dest) -> plan key; given with --plan, these override the plan's values
+SETTING_FLAGS = {"lam": "lambda", "token": "token", "layers": "layers"}
+PLAN_FLAGS = {"preserve": "preserve", "template": "templates", "method": "method"}
 
-    if args.plan:
-        plan = load_plan(args.plan)
-        if args.method:
-            plan.method = args.method
-        return plan
+
+def _set_values(items) -> dict:
+    """--set KEY=VALUE pairs; VALUE is read as YAML (numbers, true/false, lists, null)."""
+    import yaml
+
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"concept-edit: error: --set takes KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    return out
+
+
+def _edits_from_flags(args) -> list[dict]:
+    from ..core.plan import PlanError
+
     edits = [{"erase": c} for c in args.erase or []]
     edits += [{"erase": c, "type": "style"} for c in args.erase_style or []]
     for r in args.replace or []:
         if "=" not in r:
-            raise SystemExit(f"--replace takes SOURCE=DESTINATION, got {r!r}")
+            raise PlanError(f"--replace takes SOURCE=DESTINATION, got {r!r}")
         s, d = r.split("=", 1)
         edits.append({"replace": s, "with": d})
     edits += [{"moderate": c} for c in args.moderate or []]
     for d in args.debias or []:
-        if ":" not in d:
-            raise SystemExit(f"--debias takes CONCEPT:attr1,attr2[:alpha1,alpha2], got {d!r}")
         parts = d.split(":")
-        e = {"debias": parts[0], "attributes": parts[1].split(",")}
+        if len(parts) not in (2, 3):
+            raise PlanError(f"--debias takes CONCEPT:attr1,attr2[:alpha1,alpha2], got {d!r}")
+        e = {"debias": parts[0], "attributes": [a.strip() for a in parts[1].split(",")]}
         if len(parts) > 2:
-            e["alphas"] = [float(x) for x in parts[2].split(",")]
+            try:
+                e["alphas"] = [float(x) for x in parts[2].split(",")]
+            except ValueError:
+                raise PlanError(f"--debias {d!r}: alphas must be numbers") from None
         edits.append(e)
     if args.guide is not None:
         for e in edits:
             if "erase" in e:
+                e.pop("type", None)
                 e["guide"] = args.guide
-    d = {"edits": edits, "preserve": args.preserve or [], "method": args.method or "uce", "lambda": args.lam,
-         "token": args.token, "templates": args.template or ["{}"]}
-    return plan_from_dict(d)
+    return edits
+
+
+def plan_dict_from_args(args) -> dict:
+    """The edit-file mapping the flags describe. With --plan, the file is read and the setting flags
+    (--method, --lambda, --token, --layers, --template, --preserve, --set) replace its values;
+    edit flags (--erase…, --replace, --moderate, --debias, --guide) are refused: give edits in one place."""
+    from ..core.plan import PlanError, read_plan_file
+
+    given = {dest: getattr(args, dest) for dest in (*SETTING_FLAGS, *PLAN_FLAGS) if getattr(args, dest) is not None}
+    sets = _set_values(args.set)
+    if args.plan:
+        used = [f"--{f.replace('_', '-')}" for f in EDIT_FLAGS if getattr(args, f)]
+        if used:
+            raise PlanError(f"{', '.join(used)} cannot be combined with --plan: list the edits in the plan file")
+        d = read_plan_file(args.plan)
+        if not isinstance(d, dict):
+            raise PlanError(f"{args.plan}: an edit file is a mapping with an 'edits' list")
+        d = dict(d)
+    else:
+        d = {"edits": _edits_from_flags(args)}
+        if not d["edits"]:
+            raise PlanError("nothing to edit: give --plan FILE or at least one of --erase, --erase-style, --replace, --moderate, --debias")
+    options = dict(d.pop("options", None) or {})
+    for dest, key in {**SETTING_FLAGS, **PLAN_FLAGS}.items():
+        if dest in given:
+            if key in SETTING_FLAGS.values():
+                options.pop(key, None)
+            d[key] = given[dest]
+    for key, value in sets.items():
+        d.pop(key, None)
+        options[key] = value
+    if options:
+        d["options"] = options
+    return d
+
+
+def _plan_from_args(args):
+    from ..core.plan import plan_from_dict
+
+    return plan_from_dict(plan_dict_from_args(args))
 
 
 def _save(delta, out, fmt, rank, overwrite):
@@ -221,11 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--replace", action="append", help="SOURCE=DESTINATION")
     e.add_argument("--moderate", action="append", help="concept to move towards the unconditional output")
     e.add_argument("--debias", action="append", help="CONCEPT:attr1,attr2[:alpha1,alpha2]")
-    e.add_argument("--preserve", action="append", help="concept to keep unchanged")
-    e.add_argument("--method", help="uce (default), emcid or nullspace")
-    e.add_argument("--lambda", dest="lam", type=float, default=0.5)
-    e.add_argument("--token", choices=["last", "aligned"], default="last")
-    e.add_argument("--template", action="append", help="prompt template with {} (repeatable)")
+    e.add_argument("--preserve", action="append", help="concept to keep unchanged (repeatable; with --plan: replaces its list)")
+    e.add_argument("--method", help="uce (default), emcid, nullspace or emcid+uce")
+    e.add_argument("--lambda", dest="lam", type=float, help="the method's lambda (UCE default 0.5, nullspace 1.0)")
+    e.add_argument("--token", choices=["last", "aligned"], help="key tokens (default last)")
+    e.add_argument("--layers", help="layers to edit: kv | v (cross-attention) or text-encoder layers such as 0-2")
+    e.add_argument("--template", action="append", help="prompt template with {} (repeatable; default '{}')")
+    e.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any setting of the method (repeatable), e.g. --set alpha=0.3 --set cov_weight=1000; "
+                        "see docs/settings.md")
     e.add_argument("--rank", type=int, help="cap the LoRA rank (SVD-truncated, error recorded)")
     e.add_argument("--format", choices=["lora", "diff"], default="lora")
     e.add_argument("--bf16", action="store_true", help="encode prompts under bfloat16 autocast (faster)")

@@ -1,6 +1,6 @@
 """EMCID engine: an EditPlan on a DiffusersModel -> ConceptDelta over text-encoder ``mlp.fc2`` layers.
 
-Stage I (:mod:`.emcid_targets`) gives, per concept, an offset of the hidden state at the output
+Stage I (:mod:`.stage_i`) gives, per concept, an offset of the hidden state at the output
 of the last edited layer L at the last subject token. Stage II (:mod:`.solvers.emcid`) writes
 those targets into ``mlp.fc2`` of every edited layer, shallow to deep, MEMIT-style:
 
@@ -8,71 +8,44 @@ those targets into ``mlp.fc2`` of every edited layer, shallow to deep, MEMIT-sty
         K   = fc2 inputs of layer l at the subject tokens   (recomputed: earlier layers edited)
         z   = hidden state after layer L at the subject tokens (recomputed the same way)
         R   = (z* - z) / (n - i)                            (residual spread over remaining layers)
-        D_l = alpha R^T K [(1 - alpha) w C0_l + alpha K^T K]^{-1}
+        D_l = alpha R^T W K [(1 - alpha) w C0_l + alpha (K^T W K + s Kp^T Kp)]^{-1}
 
 Note on the residual: MEMIT measures z at the last edited layer L for every l (implemented
 here). The public EMCID code (``execute_emcid_*``) instead compares z* with the output of the
 *current* layer's fc2 module, which mixes a residual-stream quantity with an MLP output; we
 follow MEMIT's definition, under which alpha -> 1 drives z to z* exactly.
 
-Options (``plan.options``): ``alpha`` (0.5), ``layers`` (None = every read layer but the last;
-list, "0-9" string, or {component: spec}), ``cov_weight`` (10000, EMCID's mom2_update_weight:
-C0 is the mean second moment times this), ``corpus`` (caption list / file; None = built-in
-captions), ``c0_exclude_edited`` (True: captions naming an edited concept are left out of C0,
-see :mod:`.covariance`), ``cov_positions`` ("padded"), ``cov_cache_dir``, ``targets`` (stage I mode:
-distill | images | text | dest_hidden | refine; default distill), ``steps``, ``lr``,
-``text_weight``, ``clamp``, ``images_per_concept``, ``gen_steps``, ``batch_concepts``, ``seed``,
-``targets_cache_dir``, ``executor`` (local | ray), ``key_mode`` ("mean": one key per concept,
-averaged over templates, as in the paper; "each": one per prompt).
+Settings: :class:`~..core.settings.EMCIDSettings` (``alpha``, ``cov_weight``, ``layers``, the C0
+corpus and positions, stage I). The edit term weighs each concept's keys by its ``weight`` (else
+``erase_scale``): W above. The preserve set (each concept in every template, plus "" unless
+``preserve_empty`` is false) is held as in UCE: its keys at each layer join the edit term with zero
+residual and weight ``preserve_scale`` (s Kp^T Kp above), so their fc2 outputs stay where they are.
+
+Departures from the official EMCID code, each a setting: ``cov_positions`` "padded" (default:
+all 77 positions the pipeline feeds, the keys the model sees at inference; the official code uses
+real tokens only, "tokens", through the attention mask; padded C0 has more mass, so the paper's
+cov_weight of 10,000 edits 2.6-3.2x less here); ``target_anchor`` "mean" (the multi-layer residual
+measured on every template; official: the first template, "first"). Not settings, documented in
+docs/text_encoder_editing.md: the default layers (every read layer but the last, for every family;
+the official SDXL hparams edit text encoder 1 layers 8-10 and text encoder 2 layers 26-30 with 100
+stage I steps at lr 0.1 — pass ``layers: {text_encoder: "8-10", text_encoder_2: "26-30"}, steps: 100,
+lr: 0.1`` for those) and the default caption corpus (41 captions; too few samples for SDXL's
+5,120-wide fc2 keys: pass a corpus, the C0 info reports ``rank_deficient``).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from ..adapters.text_encoder import fc2_name, resolve_layers
 from ..core.apply import apply_delta
-from ..core.delta import ConceptDelta, fingerprint
+from ..core.delta import ConceptDelta
 from ..core.plan import EditPlan
-from ..core.version import __version__
 from ..solvers.emcid import emcid_solve_layer
-from .multilayer import spread_edit
-from .stage_i import StageIConfig, TargetRequest, compute_targets
-
-STAGE_I_KEYS = ("steps", "lr", "text_weight", "clamp", "weight_decay", "images_per_concept", "gen_steps", "guidance", "batch_concepts", "seed")
-
-
-def plan_requests(plan: EditPlan, images: dict | None = None) -> list[TargetRequest]:
-    images = images or {}
-    out = []
-    for e in plan.edits:
-        if e.kind == "debias":
-            raise ValueError("debias edits are not supported by the text-encoder methods; use method: uce")
-        dest = "" if e.kind == "moderate" else e.target
-        strength = e.strength if e.kind == "moderate" else 1.0
-        out.append(TargetRequest(e.source, dest, strength, images.get(e.source)))
-    return out
-
-
-def stage_i_config(plan: EditPlan, default_mode: str = "distill") -> StageIConfig:
-    o = plan.options
-    kw = {k: type(getattr(StageIConfig, k))(o[k]) for k in STAGE_I_KEYS if k in o}
-    return StageIConfig(mode=o.get("targets", default_mode), **kw)
-
-
-def _base_meta(model, plan, method, hyper, layers_delta, t0, extra):
-    names = list(layers_delta)
-    meta = {
-        "method": method,
-        "family": model.family,
-        "edits": [vars(e) for e in plan.edits],
-        "preserve": plan.preserve,
-        "hyperparameters": hyper,
-        "base_fingerprint": fingerprint(model.weights(names)),
-        "concept_edit_version": __version__,
-    }
-    meta.update(extra)
-    meta["seconds"] = {"total": round(time.perf_counter() - t0, 4)}
-    return meta
+from .metadata import delta_metadata
+from .multilayer import preserve_prompts, spread_edit
+from .second_moments import c0_exclusions, second_moments
+from .stage_i import compute_targets, requests_for, stage_i_config
 
 
 def emcid_delta(
@@ -84,68 +57,57 @@ def emcid_delta(
 ) -> ConceptDelta:
     """EMCID (stage I targets + stage II multi-layer closed form) as a ConceptDelta; model untouched.
 
-    ``images`` maps a source concept to destination images for stage I mode ``images``.
+    ``images`` maps a source concept to destination images for ``targets: images``.
     """
-    from .second_moments import c0_exclusions, excludes_edited, second_moments
-
     t0 = time.perf_counter()
-    o = plan.options
-    alpha = float(o.get("alpha", 0.5))
-    cov_weight = float(o.get("cov_weight", 10000.0))
-    layers = resolve_layers(model, o.get("layers"))
+    s = plan.settings
+    layers = resolve_layers(model, s.layers)
     names = [fc2_name(c, l) for c, ls in layers.items() for l in ls]
     C0, cov_info = second_moments(
-        model, names, o.get("corpus"), cache_dir=o.get("cov_cache_dir"), positions=o.get("cov_positions", "padded"), progress=progress,
+        model, names, s.corpus, cache_dir=s.cov_cache_dir, positions=s.cov_positions, progress=progress,
         exclude=c0_exclusions(plan),
     )
     t_cov = time.perf_counter() - t0
-    cfg = stage_i_config(plan)
-    reqs = plan_requests(plan, images)
+    cfg = stage_i_config(s)
     st1 = compute_targets(
-        model, reqs, plan.templates, layers, cfg, cache_dir=o.get("targets_cache_dir"), executor=o.get("executor", "local"), progress=progress
+        model, requests_for(plan, images), plan.templates, layers, cfg, cache_dir=s.targets_cache_dir, executor=s.executor,
+        progress=progress,
     )
     t_targets = time.perf_counter() - t0 - t_cov
 
-    def solve(name, K, R):
-        sol = emcid_solve_layer(K, R, cov_weight * C0[name].double(), alpha=alpha)
+    def solve(name, K, R, w, Kp):
+        sol = emcid_solve_layer(K, R, s.cov_weight * C0[name], alpha=s.alpha, weights=w, preserve_keys=Kp,
+                                preserve_scale=s.preserve_scale)
         return sol.up, sol.down, {"condition": sol.report.condition, "ridge": sol.report.jitter, "rank": int(K.shape[0])}
 
-    out, report = spread_edit(model, plan, layers, st1.deltas, solve, key_mode=o.get("key_mode", "mean"), progress=progress)
-    hyper = {
-        "alpha": alpha,
-        "cov_weight": cov_weight,
-        "layers": layers,
-        "templates": plan.templates,
-        "key_mode": o.get("key_mode", "mean"),
-        "stage_i": vars(cfg),
-        "cov_positions": o.get("cov_positions", "padded"),
-        "c0_exclude_edited": excludes_edited(plan),
-    }
-    meta = _base_meta(
-        model, plan, "emcid", hyper, out, t0,
-        {
-            "covariance": {k: v for k, v in cov_info.items() if k != "computed"},
-            "stage_i": {"steps_run": st1.steps_run, "cached": st1.cached, "computed": st1.computed},
-            "layers_report": report,
-        },
+    out, report = spread_edit(model, plan, layers, st1.deltas, solve, key_mode=s.key_mode, anchor=s.target_anchor,
+                              preserve=preserve_prompts(plan), progress=progress)
+    meta = delta_metadata(
+        model, plan, "emcid", out, t0,
+        layers=layers,
+        covariance={k: v for k, v in cov_info.items() if k != "computed"},
+        stage_i={"steps_run": st1.steps_run, "cached": st1.cached, "computed": st1.computed},
+        layers_report=report,
+        seconds={"covariance": round(t_cov, 4), "targets": round(t_targets, 4)},
     )
-    meta["seconds"] = {"covariance": round(t_cov, 4), "targets": round(t_targets, 4), "total": round(time.perf_counter() - t0, 4)}
     return ConceptDelta(out, meta)
 
 
 def emcid_uce_delta(model, plan: EditPlan, *, images: dict | None = None, progress: bool = True) -> ConceptDelta:
     """EMCID on the text encoder, then UCE on cross-attention computed on the EMCID-edited encoder
     (so UCE sees the source keys as EMCID left them); the two deltas stacked."""
+    from ..core.settings import EMCIDSettings
     from .uce import uce_delta
 
-    d1 = emcid_delta(model, plan, images=images, progress=progress)
+    t0 = time.perf_counter()
+    s = plan.settings
+    emcid_part = EMCIDSettings(**{f.name: getattr(s, f.name) for f in dataclasses.fields(EMCIDSettings)})
+    d1 = emcid_delta(model, dataclasses.replace(plan, method="emcid", settings=emcid_part), images=images, progress=progress)
     h = apply_delta(d1, model.weights(list(d1.layers)), check_fingerprint=False)
     try:
-        d2 = uce_delta(model, plan, progress=progress)
+        d2 = uce_delta(model, dataclasses.replace(plan, method="uce", settings=s.uce()), progress=progress)
     finally:
         h.remove()
     out = d1.stacked(d2)
-    out.metadata.update(method="emcid+uce", family=model.family, edits=d1.metadata["edits"], concept_edit_version=__version__)
-    names = list(out.layers)
-    out.metadata["base_fingerprint"] = fingerprint(model.weights(names))
+    out.metadata = delta_metadata(model, plan, "emcid+uce", out.layers, t0, parts=[d1.metadata, d2.metadata])
     return out

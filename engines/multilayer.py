@@ -9,8 +9,22 @@ from ..adapters.text_encoder import fc2_name, subject_states, tokenize_prompts
 from ..core.apply import apply_delta
 from ..core.delta import ConceptDelta, LayerDelta
 from ..core.plan import EditPlan
-from ..core.prompts import expand
+from ..core.prompts import Prompt, expand
 from ..solvers.emcid import spread_residual
+
+
+def edit_weights(plan: EditPlan) -> torch.Tensor:
+    """Per-edit weight of its keys in the solve: the edit's ``weight``, else the settings' ``erase_scale``."""
+    s = plan.settings.erase_scale
+    return torch.tensor([e.weight if e.weight is not None else s for e in plan.edits], dtype=torch.float64)
+
+
+def preserve_prompts(plan: EditPlan) -> list[Prompt]:
+    """The preserve set as prompts: each concept in every template, plus "" (its BOS key) if kept."""
+    out = [p for c in plan.preserve for p in expand(c, plan.templates)]
+    if plan.preserve_empty:
+        out.append(Prompt("", 0))
+    return out
 
 
 def spread_edit(
@@ -21,21 +35,31 @@ def spread_edit(
     solve,
     *,
     key_mode: str = "mean",
+    anchor: str = "mean",
+    preserve: list[Prompt] | None = None,
     progress: bool = True,
 ) -> tuple[dict[str, LayerDelta], dict]:
-    """Multi-layer MEMIT-style driver shared by EMCID and null-space editing.
+    """Write ``offsets`` into the ``mlp.fc2`` layers of ``layers``; returns (layer deltas, report).
 
     ``offsets[comp]`` (n_edits x hidden) is the wanted change of the hidden state after the last
-    edited layer at each concept's subject token; ``solve(name, K, R) -> (up, down, info)`` the
-    per-layer closed form. Edits are applied temporarily while the next layer's keys are
-    computed and removed before returning (the model is left untouched).
+    edited layer L at each concept's subject token. ``solve(name, K, R, w, Kp) -> (up, down, info)``
+    is the per-layer closed form: keys K, residual shares R, per-row weights w, and the preserve
+    set's keys Kp at this layer (None without a preserve set). Edits are applied temporarily
+    while the next layer's keys are computed and removed before returning (model untouched).
+
+    ``key_mode``: "mean" (one key and residual per concept, averaged over templates) or "each"
+    (one per prompt). ``anchor``: "mean" measures each concept's residual on all its templates,
+    "first" on its first template only (EMCID's official code).
     """
-    if key_mode not in ("mean", "each"):
-        raise ValueError("key_mode must be 'mean' or 'each'")
+    if key_mode not in ("mean", "each") or anchor not in ("mean", "first"):
+        raise ValueError("key_mode must be 'mean' or 'each', anchor 'mean' or 'first'")
     T = len(plan.templates)
     n = len(plan.edits)
     src = tokenize_prompts(model, [p for e in plan.edits for p in expand(e.source, plan.templates)])
+    kept = tokenize_prompts(model, preserve) if preserve else []
     owner = torch.arange(n).repeat_interleave(T)
+    first = torch.arange(n) * T  # row of each concept's first template
+    w_edit = edit_weights(plan)
     out: dict[str, LayerDelta] = {}
     report: dict = {}
     handles = []
@@ -55,16 +79,21 @@ def spread_edit(
                 resume = (l, st[("in", l)])
                 K = st[("fc2_in", l)].double()
                 R = spread_residual(z_star, st[("out", L)].double(), i, len(ls))
+                if anchor == "first":
+                    R = R[first][owner]
                 if key_mode == "mean":
                     K = torch.zeros(n, K.shape[1], dtype=K.dtype).index_add(0, owner, K) / T
                     R = torch.zeros(n, R.shape[1], dtype=R.dtype).index_add(0, owner, R) / T
+                    w = w_edit
+                else:
+                    w = w_edit[owner]
+                Kp = subject_states(model, comp, kept, fc2_layers=[l])[("fc2_in", l)].double() if kept else None
                 name = fc2_name(comp, l)
-                up, down, info = solve(name, K, R)
+                up, down, info = solve(name, K, R, w, Kp)
                 ld = LayerDelta(up.float(), down.float()).compact()
                 out[name] = ld
                 report[name] = info
-                w = model.weights([name])
-                handles.append(apply_delta(ConceptDelta({name: ld}), w, check_fingerprint=False))
+                handles.append(apply_delta(ConceptDelta({name: ld}), model.weights([name]), check_fingerprint=False))
             zf = subject_states(model, comp, src, out_layers=[L], start=resume)[("out", L)].double()
             report[comp] = {
                 "residual_before": round(start, 6),

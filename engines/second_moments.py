@@ -24,21 +24,21 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ..adapters.text_encoder import (
+    TokenizedPrompt,
     encoder,
     encoder_components,
     padded_batch,
     parse_fc2_name,
     run_encoder,
-    tokenize_prompts,
 )
 from ..core.delta import fingerprint
-from ..core.prompts import Prompt
 
 TEXT_STATES = "text_states"
 
@@ -119,14 +119,10 @@ def split_mentions(captions: list[str], terms) -> tuple[list[str], list[str]]:
     return kept, dropped
 
 
-def excludes_edited(plan) -> bool:
-    """The plan's ``c0_exclude_edited`` option (default True; False = the paper's C0 over the whole corpus)."""
-    return bool(plan.options.get("c0_exclude_edited", True))
-
-
 def c0_exclusions(plan) -> list[str]:
-    """The concepts to leave out of C0 for ``plan``: its edited concepts, if :func:`excludes_edited`."""
-    return [e.source for e in plan.edits] if excludes_edited(plan) else []
+    """The concepts to leave out of C0 for ``plan``: its edited concepts, if its ``c0_exclude_edited``
+    setting is on (the default; off = the paper's C0 over the whole corpus)."""
+    return [e.source for e in plan.edits] if plan.settings.c0_exclude_edited else []
 
 
 def _fc2_index(name: str) -> tuple[str, int]:
@@ -136,8 +132,27 @@ def _fc2_index(name: str) -> tuple[str, int]:
         raise CovarianceCacheError(f"covariance is computed for text-encoder fc2 layers or {TEXT_STATES!r}, not {name!r}") from None
 
 
-def _compute(model, captions: list[str], names: list[str], *, batch_size: int, positions: str, progress: bool):
-    prompts = tokenize_prompts(model, [Prompt(c, 0) for c in captions])
+def caption_ids(model, captions: list[str]) -> tuple[list[TokenizedPrompt], int]:
+    """Captions as BOS + tokens + EOS, truncated to what the pipeline feeds (as the pipeline and
+    EMCID's statistics do); returns (prompts, number truncated)."""
+    tok, room = model.tokenizer, model.max_tokens - 2
+    out, cut = [], 0
+    for c in captions:
+        ids = model.token_ids(c)
+        cut += len(ids) > room
+        out.append(TokenizedPrompt([tok.bos_token_id, *ids[:room], tok.eos_token_id], 0))
+    return out, cut
+
+
+def _padded(model, p: TokenizedPrompt) -> list[int]:
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
+    return p.ids + [pad] * (model.max_tokens - len(p.ids))
+
+
+def caption_moments(model, captions: list[str], names: list[str], *, batch_size: int, positions: str, progress: bool):
+    """Mean second moments (float64) of the named layers' inputs over ``captions``; returns
+    (moments, sample counts, number of captions truncated to the tokenizer limit)."""
+    prompts, n_truncated = caption_ids(model, captions)
     sums = {n: None for n in names}
     counts = {n: 0 for n in names}
     by_comp: dict[str, list[int]] = {}
@@ -163,13 +178,13 @@ def _compute(model, captions: list[str], names: list[str], *, batch_size: int, p
                 sums[n] = g if sums[n] is None else sums[n] + g
                 counts[n] += x.shape[0]
         if TEXT_STATES in names:
-            ids_lists = [model.padded_ids(c) for c in captions[start : start + batch_size]] if positions == "padded" else [p.ids for p in chunk]
+            ids_lists = [_padded(model, p) for p in chunk] if positions == "padded" else [p.ids for p in chunk]
             states = model.encode_ids(ids_lists)
             x = torch.cat([s.to(torch.float64) for s in states])
             g = x.mT @ x
             sums[TEXT_STATES] = g if sums[TEXT_STATES] is None else sums[TEXT_STATES] + g
             counts[TEXT_STATES] += x.shape[0]
-    return {n: (sums[n] / counts[n]).float() for n in names}, counts
+    return {n: sums[n] / counts[n] for n in names}, counts, n_truncated
 
 
 def second_moments(
@@ -185,8 +200,9 @@ def second_moments(
     layers_per_pass: int = 8,
     exclude=(),
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """C0 (mean second moment; accumulated in float64, stored and returned as float32) per layer
-    name; returns (moments, info).
+    """C0 (mean second moment, float64: accumulated, cached and returned in double precision, since
+    EMCID's system is ill-conditioned enough for float32 storage to cost ~1e-4 relative error) per
+    layer name; returns (moments, info).
 
     At most ``layers_per_pass`` layers are accumulated per pass over the corpus (each holds a
     d x d float64 sum: 200 MB for SDXL's 5120-wide fc2 inputs), so memory stays bounded.
@@ -209,7 +225,7 @@ def second_moments(
     meta: dict = {}
     if use_cache:
         cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        path = cache_dir / f"c0_{model.family}_{mfp}_{cfp}_{positions}.safetensors"
+        path = cache_dir / f"c0_{model.family}_{mfp}_{cfp}_{positions}_f64.safetensors"
         if path.exists():
             from safetensors import safe_open
 
@@ -220,11 +236,13 @@ def second_moments(
                 for k in f.keys():
                     cached[k] = f.get_tensor(k)
     counts = json.loads(meta.get("n_samples", "{}"))
+    n_truncated = int(meta.get("n_truncated", 0))
     missing = [n for n in names if n not in cached]
     if missing:
         for g in range(0, len(missing), max(1, layers_per_pass)):
             group = missing[g : g + max(1, layers_per_pass)]
-            new, new_counts = _compute(model, captions, group, batch_size=batch_size, positions=positions, progress=progress)
+            new, new_counts, n_truncated = caption_moments(model, captions, group, batch_size=batch_size, positions=positions,
+                                                           progress=progress)
             cached.update(new)
             counts.update(new_counts)
         if path is not None:
@@ -242,6 +260,7 @@ def second_moments(
                     "n_samples": json.dumps(counts),
                     "positions": positions,
                     "family": model.family,
+                    "n_truncated": str(n_truncated),
                 },
             )
             os.replace(tmp, path)
@@ -253,13 +272,21 @@ def second_moments(
             raise CovarianceCacheError("every caption of the corpus mentions an edited concept; nothing is left to preserve")
         kw = dict(batch_size=batch_size, positions=positions, progress=progress)
         if len(dropped) <= len(kept):  # subtract the few dropped captions from the cached full sums
-            m_d, n_d = _compute(model, dropped, names, **kw)
-            moments = {n: ((moments[n].double() * counts[n] - m_d[n].double() * n_d[n]) / (counts[n] - n_d[n])).float() for n in names}
+            m_d, n_d, _ = caption_moments(model, dropped, names, **kw)
+            moments = {n: (moments[n] * counts[n] - m_d[n] * n_d[n]) / (counts[n] - n_d[n]) for n in names}
             counts = {n: counts[n] - n_d[n] for n in names}
         else:
-            moments, counts = _compute(model, kept, names, **kw)
+            moments, counts, _ = caption_moments(model, kept, names, **kw)
+    if n_truncated:
+        warnings.warn(f"C0: {n_truncated} caption(s) longer than the tokenizer's {model.max_tokens} tokens were truncated")
+    short = {n: counts[n] for n in names if counts[n] < moments[n].shape[0]}
+    if short:
+        warnings.warn(f"C0 of {', '.join(short)} rests on fewer samples than its width ({moments[next(iter(short))].shape[0]}): "
+                      "it is rank-deficient; pass a larger caption corpus")
     info = {
         "n_samples": counts,
+        "n_truncated_captions": n_truncated,
+        "rank_deficient": sorted(short),
         "n_excluded_captions": len(dropped),
         "corpus_fingerprint": cfp,
         "model_fingerprint": mfp,

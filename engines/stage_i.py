@@ -112,6 +112,24 @@ def _cache_key(req: TargetRequest, templates, layers, cfg: StageIConfig, model_f
     return h.hexdigest()[:20]
 
 
+def requests_for(plan, images: dict | None = None) -> list[TargetRequest]:
+    """One target request per edit of ``plan`` (moderate: towards "", scaled by its strength)."""
+    images = images or {}
+    out = []
+    for e in plan.edits:
+        if e.kind == "debias":
+            raise ValueError("debias edits are not supported by the text-encoder methods; use method: uce")
+        dest = "" if e.kind == "moderate" else e.target
+        strength = e.strength if e.kind == "moderate" else 1.0
+        out.append(TargetRequest(e.source, dest, strength, images.get(e.source)))
+    return out
+
+
+def stage_i_config(settings) -> StageIConfig:
+    """The stage I configuration of a method's settings (core.settings.StageISettings)."""
+    return StageIConfig(mode=settings.targets, **{k: getattr(settings, k) for k in StageIConfig.__dataclass_fields__ if k != "mode"})
+
+
 # -- helpers ---------------------------------------------------------------------------------
 def _noise_scheduler(model):
     from diffusers import DDPMScheduler

@@ -11,12 +11,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..adapters.base import EditableModel
-from ..core.delta import ConceptDelta, LayerDelta, fingerprint
+from ..core.delta import ConceptDelta, LayerDelta
 from ..core.plan import EditPlan
 from ..core.prompts import Prompt, expand
-from ..core.version import __version__
 from ..solvers.uce import uce_solve
 from .keys import KeyEncoder
+from .metadata import delta_metadata
 
 
 def _targets_last(enc: KeyEncoder, plan: EditPlan, alphas: dict[str, list[float]]):
@@ -76,13 +76,13 @@ def edit_keys_and_targets(model: EditableModel, plan: EditPlan, alphas: dict[str
     enc = KeyEncoder(model)
     alphas = alphas or {}
     n = len(plan.templates)
-    if plan.token == "last":
+    if plan.settings.token == "last":
         K, T = _targets_last(enc, plan, alphas)
         owners = [i // n for i in range(K.shape[0])]
     else:
         K, T, owners = _targets_aligned(enc, plan, alphas)
         owners = [o // n for o in owners]
-    w = torch.tensor([plan.edits[o].weight if plan.edits[o].weight is not None else plan.erase_scale for o in owners], dtype=torch.float64)
+    w = torch.tensor([plan.edits[o].weight if plan.edits[o].weight is not None else plan.settings.erase_scale for o in owners], dtype=torch.float64)
     return enc, K, T, w
 
 
@@ -97,15 +97,16 @@ def _preserve_groups(plan: EditPlan) -> list[tuple[list[Prompt], bool]]:
 def preserve_keys(enc: KeyEncoder, plan: EditPlan) -> torch.Tensor | None:
     rows = []
     for prompts, empty in _preserve_groups(plan):
-        if plan.token == "last":
+        if plan.settings.token == "last":
             rows.append(enc.last_token_keys(prompts, empty_all_tokens=empty)[0])
         else:
             rows.append(enc.all_token_keys(prompts)[0])
     return torch.cat(rows) if rows else None
 
 
-def edit_layers(model: EditableModel, plan: EditPlan) -> dict[str, torch.nn.Parameter]:
-    suffixes = ("to_k", "to_v") if plan.layers == "kv" else ("to_v",)
+def edit_layers(model: EditableModel, which: str) -> dict[str, torch.nn.Parameter]:
+    """Cross-attention projections to edit: ``which`` is "kv" (to_k and to_v) or "v"."""
+    suffixes = ("to_k", "to_v") if which == "kv" else ("to_v",)
     layers = {k: v for k, v in model.cross_attention_weights().items() if k.endswith(suffixes)}
     if not layers:
         raise ValueError("model has no cross-attention to_k/to_v layers to edit")
@@ -124,33 +125,20 @@ def uce_delta(
     enc, K, T, w = edit_keys_and_targets(model, plan, alphas)
     P = preserve_keys(enc, plan)
     t_keys = time.perf_counter() - t0
-    sol = uce_solve(K, T, P, lam=plan.lam, erase_scale=w, preserve_scale=plan.preserve_scale)
-    layers = edit_layers(model, plan)
+    s = plan.settings
+    sol = uce_solve(K, T, P, lam=s.lam, erase_scale=w, preserve_scale=s.preserve_scale)
+    layers = edit_layers(model, s.layers)
     out = {}
     for name, W in tqdm(layers.items(), desc="layers", disable=not progress, leave=False):
         up, down = sol.layer_factors(W.detach())
         out[name] = LayerDelta(up.float(), down.float()).compact()
-    meta = {
-        "method": "uce",
-        "family": model.family,
-        "edits": [vars(e) for e in plan.edits],
-        "preserve": plan.preserve,
-        "hyperparameters": {
-            "lambda": plan.lam,
-            "erase_scale": plan.erase_scale,
-            "preserve_scale": plan.preserve_scale,
-            "token": plan.token,
-            "templates": plan.templates,
-            "preserve_empty": plan.preserve_empty,
-            "layers": plan.layers,
-        },
-        "alphas": alphas or {},
-        "n_edit_keys": int(K.shape[0]),
-        "n_preserve_keys": 0 if P is None else int(P.shape[0]),
-        "condition": sol.report.condition,
-        "ridge": sol.report.jitter,
-        "base_fingerprint": fingerprint(layers),
-        "concept_edit_version": __version__,
-        "seconds": {"keys": round(t_keys, 4), "total": round(time.perf_counter() - t0, 4)},
-    }
+    meta = delta_metadata(
+        model, plan, "uce", out, t0,
+        alphas=alphas or {},
+        n_edit_keys=int(K.shape[0]),
+        n_preserve_keys=0 if P is None else int(P.shape[0]),
+        condition=sol.report.condition,
+        ridge=sol.report.jitter,
+        seconds={"keys": round(t_keys, 4)},
+    )
     return ConceptDelta(out, meta)

@@ -11,6 +11,7 @@ import torch
 
 from ..core.delta import ConceptDelta
 from ..core.plan import Edit, EditPlan, PlanError
+from ..core.settings import build_settings
 
 CATEGORY = "ConceptEdit"
 DELTA_TYPE = "CONCEPT_DELTA"
@@ -18,11 +19,16 @@ CAPTURE_TYPE = "CONCEPT_ATTENTION"
 
 
 def parse_list(text: str) -> list[str]:
-    """Concepts from a widget: one per line, or comma-separated; blanks and '#' comments dropped."""
+    """Concepts from a widget: one per line, or comma-separated. A name containing a comma is
+    quoted ("Smith, John"); a '#' starts a comment only at the start of a line or after a space,
+    so "C# programmer" stays whole; blanks are dropped."""
+    import csv
+
     items = []
     for line in (text or "").splitlines():
-        line = line.split("#", 1)[0]
-        items += [p.strip() for p in line.split(",")]
+        line = re.split(r"(?:^|\s)#", line, maxsplit=1)[0]
+        for row in csv.reader([line], skipinitialspace=True):
+            items += [p.strip() for p in row]
     return [i for i in items if i]
 
 
@@ -35,24 +41,15 @@ def parse_floats(text: str) -> list[float]:
 
 
 def parse_pairs(text: str) -> list[tuple[str, str]]:
-    """'cat -> dog' (or 'cat = dog', 'cat: dog') per line or comma-separated."""
+    """'cat -> dog' (or 'cat => dog', 'cat = dog') per line or comma-separated; a colon is part of a
+    name ('16:9')."""
     pairs = []
     for item in parse_list(text):
-        parts = re.split(r"\s*(?:->|=>|=|:)\s*", item, maxsplit=1)
+        parts = re.split(r"\s*(?:->|=>|=)\s*", item, maxsplit=1)
         if len(parts) != 2 or not parts[0] or not parts[1]:
             raise PlanError(f"replacement {item!r} must look like 'source -> destination'")
         pairs.append((parts[0], parts[1]))
     return pairs
-
-
-def common_settings(preserve: str, lam: float, erase_scale: float, preserve_scale: float, token: str,
-                    templates: str, layers: str, preserve_empty: bool = True) -> dict:
-    tpl = [t.strip() for t in (templates or "").splitlines() if t.strip()] or ["{}"]
-    return dict(
-        preserve=parse_list(preserve), lam=float(lam), erase_scale=float(erase_scale),
-        preserve_scale=float(preserve_scale), token=token, templates=tpl, layers=layers,
-        preserve_empty=bool(preserve_empty),
-    )
 
 
 def erase_edits(concepts: str, concept_type: str, guide: str) -> list[Edit]:
@@ -91,8 +88,10 @@ def debias_edits(concepts: str, attributes: str, ratios: str, alphas: str) -> li
     return [Edit("debias", c, attributes=list(attrs), ratios=list(r), alphas=list(a)) for c in names]
 
 
-def make_plan(edits: list[Edit], method: str, settings: dict, options: dict | None = None) -> EditPlan:
-    return EditPlan(edits=edits, method=method, options=dict(options or {}), **settings)
+def make_plan(edits: list[Edit], method: str, preserve: list[str], templates: list[str], settings: dict) -> EditPlan:
+    """The plan a node describes; ``settings`` in edit-file spelling, validated like an edit file's."""
+    return EditPlan(edits=edits, method=method, preserve=preserve, templates=templates,
+                    settings=build_settings(method, settings))
 
 
 @torch.no_grad()

@@ -7,24 +7,27 @@ Edits are computed against the *effective* weights: the MODEL's and CLIP's exist
 """
 from __future__ import annotations
 
-from ..engines.registry import compute_delta
+import dataclasses
+
+from ..core.settings import build_settings, settings_class, spelling
+from ..engines import compute_delta
 from .common import (
     CATEGORY,
     DELTA_TYPE,
-    common_settings,
     debias_edits,
     edit_summary,
     erase_edits,
     make_plan,
     moderate_edits,
+    parse_list,
     replace_edits,
     residual_errors,
 )
 
-# node key -> (display name, engine (plan.method), kinds, fixed plan options, site).
+# node key -> (display name, engine (plan.method), kinds, fixed settings, site).
 # UCE and the null-space cross-attention site run on any EditableModel (the ComfyUI adapter);
 # the text-encoder methods run on a CLIPTextModel rebuilt from the CLIP's effective weights
-# (SD 1.x; see adapters/comfy_model.text_encoder_model), with destination-state targets
+# (see adapters/comfy_model.text_encoder_model), with destination-state targets
 # ("dest_hidden": no image generation inside a graph).
 METHODS = {
     "uce": ("UCE", "uce", ("erase", "replace", "moderate", "debias"), {}, "unet"),
@@ -34,30 +37,51 @@ METHODS = {
     "nullspace_te": ("Null-space TE", "nullspace", ("erase", "replace", "moderate"),
                      {"site": "text_encoder", "targets": "dest_hidden", "projector": "preserve"}, "text_encoder"),
 }
+WIDGET_NAMES = {"lam": "lambda_"}  # widget name -> kept from earlier releases (saved graphs use it)
 
 
-def _common_inputs(preserve_default: str = ""):
-    return {
-        "preserve": ("STRING", {"multiline": True, "default": preserve_default,
-                                "tooltip": "Concepts to keep unchanged, one per line or comma-separated"}),
-        "lambda_": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 100.0, "step": 0.01,
-                              "tooltip": "Ridge towards the original weights"}),
-        "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
-                               "tooltip": "Patch strength, as on a LoRA loader"}),
-    }
+def _widget(f, fixed_site: str) -> tuple:
+    """A ComfyUI widget for settings field ``f``, built from its type, default, choices and help."""
+    meta = f.metadata
+    tip = {"tooltip": meta.get("help", "")}
+    if f.name == "layers" and fixed_site == "unet":
+        return (["kv", "v"], {"default": "kv", **tip})
+    if meta.get("choices"):
+        return (list(meta["choices"]), {"default": f.default, **tip})
+    if f.default is None or f.type == "typing.Any":  # free-form (e.g. layer lists): text, empty = default
+        return ("STRING", {"default": "", "tooltip": tip["tooltip"] + " (empty: default)"})
+    if isinstance(f.default, bool):
+        return ("BOOLEAN", {"default": f.default, **tip})
+    lo = meta.get("min")
+    if isinstance(f.default, int):
+        return ("INT", {"default": f.default, "min": -(2**31) if lo is None else int(lo), "max": 2**31 - 1, **tip})
+    return ("FLOAT", {"default": float(f.default), "min": -1e6 if lo is None else lo, "max": 1e6, "step": 0.01, **tip})
 
 
-def _advanced_inputs():
-    return {
-        "erase_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01}),
-        "preserve_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01}),
-        "token": (["last", "aligned"], {"default": "last"}),
-        "templates": ("STRING", {"multiline": True, "default": "{}",
-                                 "tooltip": "Prompt templates, one per line, each with one {}"}),
-        "layers": (["kv", "v"], {"default": "kv"}),
-        "base": (["patched", "original"], {"default": "patched",
-                                           "tooltip": "Compute against the weights with earlier patches (LoRAs, edits) applied, or the checkpoint's"}),
-    }
+def setting_widgets(method_key: str) -> dict[str, tuple]:
+    """The settings a node of this method shows: the method's node settings, minus those the
+    node fixes, those with a single possible value and those without effect under the fixed ones."""
+    _, engine, _, fixed, site = METHODS[method_key]
+    cls = settings_class(engine)
+    inactive = build_settings(engine, fixed).inactive()
+    out = {}
+    for f in dataclasses.fields(cls):
+        ch = f.metadata.get("choices")
+        if not f.metadata.get("node") or f.name in fixed or f.name in inactive or (ch and len(ch) == 1):
+            continue
+        out[WIDGET_NAMES.get(f.name, f.name)] = _widget(f, site)
+    return out
+
+
+def node_settings(method_key: str, widgets: dict) -> dict:
+    """Settings values (edit-file spelling) from a node's widget values; empty strings mean default."""
+    _, _, _, fixed, _ = METHODS[method_key]
+    back = {v: k for k, v in WIDGET_NAMES.items()}
+    values = dict(fixed)
+    for w, v in widgets.items():
+        if not (isinstance(v, str) and not v.strip()):
+            values[spelling(back.get(w, w))] = v
+    return values
 
 
 class _EditNode:
@@ -74,20 +98,32 @@ class _EditNode:
 
     @classmethod
     def INPUT_TYPES(cls):
+        site = METHODS[cls.METHOD][4]
         req = {"model": ("MODEL",), "clip": ("CLIP",)}
         req.update(cls.kind_inputs())
-        req.update(_common_inputs())
-        return {"required": req, "optional": _advanced_inputs()}
+        req["preserve"] = ("STRING", {"multiline": True, "default": "",
+                                      "tooltip": "Concepts to keep unchanged, one per line or comma-separated "
+                                                 "(quote a name that contains a comma)"})
+        req["strength"] = ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                                     "tooltip": "Patch strength, as on a LoRA loader"})
+        opt = {"templates": ("STRING", {"multiline": True, "default": "{}",
+                                        "tooltip": "Prompt templates, one per line, each with one {}"})}
+        opt.update(setting_widgets(cls.METHOD))
+        if site == "unet":  # text-encoder edits always see the CLIP's own patches
+            opt["base"] = (["patched", "original"], {"default": "patched",
+                                                     "tooltip": "Compute against the weights with earlier patches "
+                                                                "(LoRAs, edits) applied, or the checkpoint's"})
+        return {"required": req, "optional": opt}
 
     def build_edits(self, **kw):
         raise NotImplementedError
 
-    def edit(self, model, clip, preserve="", lambda_=0.5, strength=1.0, erase_scale=1.0, preserve_scale=1.0,
-             token="last", templates="{}", layers="kv", base="patched", **kind_kw):
-        edits = self.build_edits(**kind_kw)
-        settings = common_settings(preserve, lambda_, erase_scale, preserve_scale, token, templates, layers)
-        _, engine, _, options, site = METHODS[self.METHOD]
-        plan = make_plan(edits, engine, settings, options)
+    def edit(self, model, clip, preserve="", strength=1.0, templates="{}", base="patched", **kw):
+        widgets = {k: kw.pop(k) for k in list(kw) if k in setting_widgets(self.METHOD)}
+        edits = self.build_edits(**kw)
+        _, engine, _, _, site = METHODS[self.METHOD]
+        tpl = [t.strip() for t in (templates or "").splitlines() if t.strip()] or ["{}"]
+        plan = make_plan(edits, engine, parse_list(preserve), tpl, node_settings(self.METHOD, widgets))
         return run_edit(model, clip, plan, strength=strength, base=base, site=site)
 
 

@@ -12,6 +12,10 @@ of the preserved keys C0 (d x d, already scaled by its weight), EMCID's eq. 5 mi
     D = alpha R^T K1 M^{-1},   M = (1 - alpha) C0 + alpha K1^T K1,
 
 i.e. D = up @ down with up = alpha R^T (out x n) and down = K1 M^{-1} (n x d): rank <= n.
+
+Two extensions keep the form: per-key weights W = diag(w) (the edit term becomes
+alpha |W^(1/2) (D K1^T - R^T)|^2: K1^T K1 -> K1^T W K1, R^T K1 -> R^T W K1) and preserved keys
+Kp held like edit keys with zero residual and weight s (M gains alpha s Kp^T Kp).
 M is symmetric positive definite for alpha < 1 and C0 > 0, so it is factorized by Cholesky
 (:func:`.linalg.solve_spd`), never inverted.
 
@@ -40,12 +44,18 @@ class EMCIDLayerSolution:
         return self.up @ self.down
 
 
-def emcid_system(keys: torch.Tensor, cov: torch.Tensor | None, *, alpha: float = 0.5, dtype=torch.float64) -> torch.Tensor:
-    """M = (1 - alpha) C0 + alpha K1^T K1 (d x d) in ``dtype``."""
+def emcid_system(keys: torch.Tensor, cov: torch.Tensor | None, *, alpha: float = 0.5, dtype=torch.float64,
+                 weights: torch.Tensor | None = None, preserve_keys: torch.Tensor | None = None,
+                 preserve_scale: float = 1.0) -> torch.Tensor:
+    """M = (1 - alpha) C0 + alpha (K1^T W K1 + s Kp^T Kp) (d x d) in ``dtype``."""
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"editing intensity alpha must be in (0, 1], got {alpha}")
     K = keys.to(dtype)
-    M = alpha * (K.mT @ K)
+    KW = K if weights is None else K * weights.to(dtype)[:, None]
+    M = alpha * (KW.mT @ K)
+    if preserve_keys is not None and preserve_scale:
+        Kp = preserve_keys.to(dtype)
+        M = M + alpha * preserve_scale * (Kp.mT @ Kp)
     if cov is not None:
         if cov.shape != (K.shape[1], K.shape[1]):
             raise ValueError(f"covariance has shape {tuple(cov.shape)}, keys have width {K.shape[1]}")
@@ -60,8 +70,14 @@ def emcid_solve_layer(
     *,
     alpha: float = 0.5,
     dtype: torch.dtype = torch.float64,
+    weights: torch.Tensor | None = None,
+    preserve_keys: torch.Tensor | None = None,
+    preserve_scale: float = 1.0,
 ) -> EMCIDLayerSolution:
-    """Stage II update for one layer: D = alpha R^T K1 [(1-alpha) C0 + alpha K1^T K1]^{-1}.
+    """Stage II update for one layer: D = alpha R^T W K1 [(1-alpha) C0 + alpha (K1^T W K1 + s Kp^T Kp)]^{-1}.
+
+    ``weights`` (n,): per-key weights w (None: 1); ``preserve_keys`` (m x d): keys whose outputs
+    are held like edit keys of weight ``preserve_scale`` with zero residual.
 
     ``keys`` (n x d) are the layer inputs at the edited tokens, ``residuals`` (n x out) the
     wanted change of its outputs there, ``cov`` (d x d) the preserved keys' second moment
@@ -74,16 +90,22 @@ def emcid_solve_layer(
         raise ValueError("no edit keys")
     check_finite("edit keys", keys)
     check_finite("residuals", residuals)
-    M = emcid_system(keys, cov, alpha=alpha, dtype=dtype)
+    if weights is not None and (weights.shape != (keys.shape[0],) or (weights < 0).any()):
+        raise ValueError(f"weights must be {keys.shape[0]} non-negative numbers")
+    M = emcid_system(keys, cov, alpha=alpha, dtype=dtype, weights=weights, preserve_keys=preserve_keys, preserve_scale=preserve_scale)
     X, report = solve_spd(M, keys.to(dtype).mT)  # d x n = M^{-1} K1^T
-    up = alpha * residuals.to(dtype).mT
+    R = residuals.to(dtype) if weights is None else residuals.to(dtype) * weights.to(dtype)[:, None]
+    up = alpha * R.mT
     return EMCIDLayerSolution(up=up, down=X.mT, report=report)
 
 
-def emcid_objective(W0, D, keys, targets, cov, alpha: float) -> torch.Tensor:
+def emcid_objective(W0, D, keys, targets, cov, alpha: float, weights=None, preserve_keys=None, preserve_scale=1.0) -> torch.Tensor:
     """Value of the stage II objective at W = W0 + D (for tests and diagnostics)."""
     W = (W0 + D).double()
-    fit = ((keys.double() @ W.mT - targets.double()) ** 2).sum()
+    rows = ((keys.double() @ W.mT - targets.double()) ** 2).sum(1)
+    fit = (rows * weights.double()).sum() if weights is not None else rows.sum()
+    if preserve_keys is not None:
+        fit = fit + preserve_scale * ((preserve_keys.double() @ D.double().mT) ** 2).sum()
     keep = torch.trace(D.double() @ cov.double() @ D.double().mT) if cov is not None else 0.0
     return alpha * fit + (1 - alpha) * keep
 

@@ -5,8 +5,9 @@ outputs must not move. Its eigenvectors with eigenvalues below a threshold span 
 the null space of the preserved keys; with U (d x k) those eigenvectors, P = U U^T and P k0 ~ 0
 for every preserved key k0.
 
-The update is constrained to D = Y U^T, so D k0 = Y U^T k0 ~ 0: preserved outputs do not
-move, by construction. For edit keys K1 (n x d) with residuals R (n x out), earlier edits' keys
+The update is constrained to D = Y U^T, so D k0 = Y U^T k0: a preserved output moves only by
+the part of its key inside the kept subspace, whose share of the preserved energy is the
+projector's ``leakage`` (small, not zero: the kept eigenvalues are below the threshold, not 0). For edit keys K1 (n x d) with residuals R (n x out), earlier edits' keys
 Kp (m x d) (whose outputs must stay as those edits left them) and ridge lam, AlphaEdit minimises
 
     |D K1^T - R^T|^2 + |D Kp^T|^2 + lam |D|^2        over D = Y U^T,
@@ -69,13 +70,12 @@ class NullSpaceProjector:
 
 
 def null_space_projector(
-    cov: torch.Tensor, *, threshold: float = 1e-3, relative: bool = True, dtype: torch.dtype = torch.float64
+    cov: torch.Tensor, *, threshold: float = 2e-2, relative: bool = False, dtype: torch.dtype = torch.float64
 ) -> NullSpaceProjector:
     """Projector onto the eigenvectors of ``cov`` whose eigenvalues fall below ``threshold``.
 
-    With ``relative`` (default) the threshold is a fraction of the largest eigenvalue, so it
-    does not depend on the scale of the activations; otherwise it is absolute (AlphaEdit uses
-    an absolute 1e-2 on a mean second moment). Eigenvalues come ascending from ``eigh``, so the
+    The default is AlphaEdit's: an absolute 2e-2 on a mean second moment (``nullspace_threshold``
+    in its hparams). With ``relative`` the threshold is a fraction of the largest eigenvalue instead. Eigenvalues come ascending from ``eigh``, so the
     kept ones are the first ``kept_rank``; ``leakage`` reports how much preserved energy they hold.
     """
     if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
@@ -116,8 +116,10 @@ def nullspace_solve_layer(
     history_gram: torch.Tensor | None = None,
     lam: float = 1.0,
     dtype: torch.dtype = torch.float64,
+    weights: torch.Tensor | None = None,
 ) -> NullSpaceSolution:
-    """Constrained update for one layer (see module docstring). ``history_gram`` is Kp^T Kp."""
+    """Constrained update for one layer (see module docstring). ``history_gram`` is Kp^T Kp;
+    ``weights`` (n,) weight each edit key's fit (|W^(1/2) (D K1^T - R^T)|^2; None: 1)."""
     if keys.ndim != 2 or residuals.ndim != 2 or keys.shape[0] != residuals.shape[0]:
         raise ValueError(f"keys {tuple(keys.shape)} and residuals {tuple(residuals.shape)} must be (n, d) and (n, out)")
     if keys.shape[1] != projector.dim:
@@ -133,22 +135,27 @@ def nullspace_solve_layer(
     if k == 0:  # the preserved keys span everything: no edit is possible without moving them
         zeros_up = torch.zeros(residuals.shape[1], n, dtype=dtype)
         return NullSpaceSolution(zeros_up, torch.zeros(n, K.shape[1], dtype=dtype), SolveReport(1.0, 0.0), 0, 0.0)
+    if weights is not None and (weights.shape != (n,) or (weights < 0).any()):
+        raise ValueError(f"weights must be {n} non-negative numbers")
     KU = K @ U  # n x k
-    M = KU.mT @ KU
+    KUw = KU if weights is None else KU * weights.to(dtype)[:, None]
+    M = KUw.mT @ KU
     if history_gram is not None:
         M = M + U.mT @ history_gram.to(dtype) @ U
     M.diagonal().add_(lam)
-    X, report = solve_spd(M, KU.mT)  # k x n = M^{-1} U^T K1^T
-    down = (U @ X).mT  # n x d = K1 U M^{-1} U^T
+    X, report = solve_spd(M, KUw.mT)  # k x n = M^{-1} U^T K1^T W
+    down = (U @ X).mT  # n x d = W K1 U M^{-1} U^T
     return NullSpaceSolution(
         up=residuals.to(dtype).mT, down=down, report=report, kept_rank=k, coverage=projector.coverage(keys)
     )
 
 
-def nullspace_objective(D, keys, residuals, projector, history_gram=None, lam: float = 1.0) -> torch.Tensor:
-    """|D K1^T - R^T|^2 + tr(D Kp^T Kp D^T) + lam |D|^2 (for tests and diagnostics)."""
+def nullspace_objective(D, keys, residuals, projector, history_gram=None, lam: float = 1.0, weights=None) -> torch.Tensor:
+    """|W^(1/2) (D K1^T - R^T)|^2 + tr(D Kp^T Kp D^T) + lam |D|^2 (for tests and diagnostics)."""
     D = D.double()
-    val = ((keys.double() @ D.mT - residuals.double()) ** 2).sum() + lam * D.pow(2).sum()
+    rows = ((keys.double() @ D.mT - residuals.double()) ** 2).sum(1)
+    val = (rows * weights.double()).sum() if weights is not None else rows.sum()
+    val = val + lam * D.pow(2).sum()
     if history_gram is not None:
         val = val + torch.trace(D @ history_gram.double() @ D.mT)
     return val

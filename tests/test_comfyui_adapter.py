@@ -111,8 +111,8 @@ for node_name in ("ConceptEditEMCIDErase", "ConceptEditNullspaceTEErase"):
         out = n.edit(model, clip, concepts="Van Gogh", concept_type="style", guide="", preserve="Monet")
     else:  # same path as the node, on one layer (11 eigendecompositions of 3072x3072 are slow on a busy CPU)
         _, engine, _, options, site = edit_nodes.METHODS["nullspace_te"]
-        plan = common.make_plan(common.erase_edits("Van Gogh", "style", ""), engine,
-                                common.common_settings("Monet", 0.5, 1.0, 1.0, "last", "{}", "kv"), {**options, "layers": [10]})
+        plan = common.make_plan(common.erase_edits("Van Gogh", "style", ""), engine, ["Monet"], ["{}"],
+                                {**options, "layers": [10]})
         out = edit_nodes.run_edit(model, clip, plan, site=site)
     m4, c4, d4 = out["result"]
     assert m4 is model and c4 is not clip and clip.patcher.patches == clip_patches_before, node_name

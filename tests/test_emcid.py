@@ -1,6 +1,7 @@
 """EMCID: stage II against its objective, multi-layer spreading, stage I caching, layer selection."""
 import pytest
 import torch
+from concept_edit.core.settings import build_settings
 from concept_edit.core.plan import Edit, EditPlan
 from concept_edit.solvers.emcid import (
     emcid_objective,
@@ -72,7 +73,8 @@ def _plan(**options):
     return EditPlan(
         edits=[Edit("replace", "cat", "dog"), Edit("replace", "car", "boat"), Edit("erase", "tree", "")],
         templates=["a photo of a {}", "{}"],
-        options=opts,
+        method="emcid",
+        settings=build_settings("emcid", opts),
     )
 
 
@@ -158,7 +160,11 @@ def test_emcid_with_distilled_targets_and_uce_combination(tiny, tmp_path):
     assert d.metadata["stage_i"]["steps_run"] == 2
     assert {n.split(".")[0] for n in d.layers} == {"text_encoder", "text_encoder_2"}
     assert all(".layers.0." in n for n in d.layers)  # SDXL: never layer 1 (last read) nor 2 (unread)
-    both = emcid_uce_delta(model, plan, progress=False)
+    import dataclasses
+
+    s = {**plan.settings.effective(), "targets_cache_dir": str(tmp_path / "t"), "lambda": 0.5}
+    both = emcid_uce_delta(model, dataclasses.replace(plan, method="emcid+uce", settings=build_settings("emcid+uce", s)),
+                           progress=False)
     assert both.metadata["method"] == "emcid+uce"
     assert any(n.startswith("unet.") for n in both.layers) and any(n.startswith("text_encoder") for n in both.layers)
 

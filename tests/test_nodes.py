@@ -15,7 +15,6 @@ from concept_edit.core.plan import PlanError
 from concept_edit.engines.registry import compute_delta
 from concept_edit.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from concept_edit.nodes.common import (
-    common_settings,
     debias_edits,
     edit_summary,
     erase_edits,
@@ -73,7 +72,7 @@ def test_node_definitions():
 
 def test_parsing_widgets():
     assert parse_list("Van Gogh, Monet\n# comment\n\nPicasso  # trailing") == ["Van Gogh", "Monet", "Picasso"]
-    assert parse_pairs("cat -> dog\nred car = blue car, a: b") == [("cat", "dog"), ("red car", "blue car"), ("a", "b")]
+    assert parse_pairs("cat -> dog\nred car = blue car, 16:9 -> square") == [("cat", "dog"), ("red car", "blue car"), ("16:9", "square")]
     with pytest.raises(PlanError):
         parse_pairs("cat")
     assert parse_floats("0.5, 0.5") == [0.5, 0.5] and parse_floats("") == []
@@ -90,21 +89,20 @@ def test_parsing_widgets():
     assert debias_edits("doctor", "male, female", "", "0.1, 0.2")[0].alphas == [0.1, 0.2]
     with pytest.raises(PlanError):
         erase_edits(" , ", "style", "")
-    s = common_settings("Monet", 0.5, 1.0, 1.0, "last", "{}\n\na painting by {}", "kv")
-    plan = make_plan(e, "uce", s)
-    assert plan.templates == ["{}", "a painting by {}"] and plan.preserve == []  # Monet is also erased
-    assert make_plan(erase_edits("Van Gogh", "style", ""), "uce", s).preserve == ["Monet"]
+    with pytest.warns(UserWarning, match="Monet is edited"):
+        plan = make_plan(e, "uce", ["Monet"], ["{}", "a painting by {}"], {})
+    assert plan.preserve == [] and plan.dropped_preserve == ["Monet"]  # Monet is also erased
+    assert make_plan(erase_edits("Van Gogh", "style", ""), "uce", ["Monet"], ["{}"], {}).preserve == ["Monet"]
 
 
 def test_residual_and_summary_on_a_real_edit(tiny):
     _, model = tiny("sd1")
-    settings = common_settings("Monet", 0.5, 1.0, 1.0, "last", "{}", "kv")
-    plan = make_plan(erase_edits("Van Gogh", "style", "") + replace_edits("cat -> dog"), "uce", settings)
+    plan = make_plan(erase_edits("Van Gogh", "style", "") + replace_edits("cat -> dog"), "uce", ["Monet"], ["{}"], {"lambda": 0.5})
     delta = compute_delta(model, plan, progress=False)
     errs = residual_errors(model, plan, delta)
     assert set(errs) == set(delta.layers)
     assert max(errs.values()) < 0.5  # lambda 0.5 pulls towards W0; targets are mostly reached
-    loose = make_plan(plan.edits, "uce", common_settings("", 50.0, 1.0, 1.0, "last", "{}", "kv"))
+    loose = make_plan(plan.edits, "uce", [], ["{}"], {"lambda": 50.0})
     assert min(residual_errors(model, loose, compute_delta(model, loose, progress=False)).values()) > max(errs.values())
     s = edit_summary(delta, plan, errs, {"strength": 1.0})
     assert s["concepts"] == ["erase Van Gogh -> art", "replace cat -> dog"]
@@ -217,11 +215,10 @@ def test_node_methods_run_on_what_the_comfyui_adapter_offers(tiny, method):
         em = _ProtocolOnly(model)
     else:
         em = DiffusersModel(SimpleNamespace(text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=_StubUNet(32)))
-    settings = common_settings("Monet", 0.5, 1.0, 1.0, "last", "{}", "kv")
     edits = erase_edits("Van Gogh", "style", "")
     if "replace" in kinds:
         edits += replace_edits("cat -> dog")
-    plan = make_plan(edits, engine, settings, options)
+    plan = make_plan(edits, engine, ["Monet"], ["{}"], dict(options))
     delta = compute_delta(em, plan, progress=False)
     want = "unet." if site == "unet" else "text_encoder.text_model.encoder.layers."
     assert delta.layers and all(n.startswith(want) for n in delta.layers)

@@ -1,6 +1,7 @@
 """Null-space constrained editing: solver against its objective, projector, history, engines."""
 import pytest
 import torch
+from concept_edit.core.settings import build_settings
 from concept_edit.core.plan import Edit, EditPlan
 from concept_edit.solvers.nullspace import (
     EditHistory,
@@ -92,13 +93,14 @@ PRESERVE = ["house", "bird"]
 
 
 def _plan(**options):
-    opts = {"projector": "preserve", "cov_positions": "tokens", "threshold": 1e-9, "lam": 1e-4}
+    opts = {"projector": "preserve", "cov_positions": "tokens", "threshold": 1e-9, "lambda": 1e-4}
     opts.update(options)
     return EditPlan(
         edits=[Edit("replace", "cat", "dog"), Edit("erase", "tree", "")],
         preserve=PRESERVE,
         templates=["a photo of a {}", "{}"],
-        options=opts,
+        method="nullspace",
+        settings=build_settings("nullspace", opts),
     )
 
 

@@ -1,7 +1,7 @@
 """Text-encoder editing methods as benchmark callables: ``METHODS[name](model, plan) -> ConceptDelta``.
 
-Each callable fills in method options the plan does not set (the plan's own ``options`` win),
-so a benchmark can hand every method the same EditPlan (edits, preserve, templates) and get a
+Each callable runs the plan's edits, preserve set and templates under the preset's method and
+settings, so a benchmark can hand every method the same EditPlan (edits, preserve, templates) and get a
 delta to apply with :func:`concept_edit.core.apply.apply_delta` over ``model.weights(names)``.
 
 Presets (all cheap enough for 1,000 edits on a CPU except the ``-distill`` ones):
@@ -17,10 +17,11 @@ Presets (all cheap enough for 1,000 edits on a CPU except the ``-distill`` ones)
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 
 from concept_edit.core.delta import ConceptDelta
 from concept_edit.core.plan import EditPlan
+from concept_edit.core.settings import build_settings
 
 PRESETS: dict[str, tuple[str, dict]] = {
     "emcid": ("emcid", {"targets": "dest_hidden", "alpha": 0.5}),
@@ -31,10 +32,9 @@ PRESETS: dict[str, tuple[str, dict]] = {
 }
 
 
-def with_options(plan: EditPlan, defaults: dict, **extra) -> EditPlan:
-    p = copy.copy(plan)
-    p.options = {**defaults, **{k: v for k, v in extra.items() if v is not None}, **plan.options}
-    return p
+def with_settings(plan: EditPlan, engine: str, values: dict) -> EditPlan:
+    """The same edits, preserve set and templates under ``engine`` with these settings."""
+    return dataclasses.replace(plan, method=engine, settings=build_settings(engine, values))
 
 
 def make_method(name: str, *, corpus=None, cache_dir=None, progress: bool = False, **overrides):
@@ -48,8 +48,7 @@ def make_method(name: str, *, corpus=None, cache_dir=None, progress: bool = Fals
         defaults.setdefault("targets_cache_dir", f"{cache_dir}/targets")
 
     def run(model, plan: EditPlan) -> ConceptDelta:
-        p = with_options(plan, defaults, corpus=corpus)
-        p.method = engine
+        p = with_settings(plan, engine, {**defaults, **({"corpus": corpus} if corpus is not None else {})})
         if engine == "emcid":
             from concept_edit.engines.emcid import emcid_delta
 
