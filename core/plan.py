@@ -33,7 +33,13 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .settings import MethodSettings, SettingsError, build_settings, settings_class
+from .settings import (
+    MethodSettings,
+    SettingsError,
+    all_setting_keys,
+    build_settings,
+    settings_class,
+)
 
 KINDS = ("erase", "replace", "moderate", "debias")
 DEFAULT_GUIDE = {"object": "", "style": "art"}
@@ -220,10 +226,9 @@ def plan_from_dict(d: dict) -> EditPlan:
     method = _str(d.get("method", "uce"), "method")
     values = settings_values(d)
     cls = settings_class(method)
-    valid_top = set(PLAN_KEYS) | set(cls.help())
-    for key in values:
-        if key not in cls.help() and key in d:  # a misspelled top-level key: name the plan keys too
-            raise _unknown(key, valid_top, "the edit file")
+    for key in values:  # a misspelled top-level key: suggest among plan keys and this method's settings
+        if key in d and key not in all_setting_keys():
+            raise _unknown(key, set(PLAN_KEYS) | set(cls.help()), "the edit file")
     settings = build_settings(method, values)
     return EditPlan(
         edits=[_edit_from_dict(e) for e in d["edits"]],

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import importlib
+import re
+import warnings
 
 from ..core.delta import ConceptDelta
 from ..core.plan import EditPlan, PlanError
@@ -26,5 +28,25 @@ def engine(method: str):
     return getattr(module, fn)
 
 
+def unknown_words(model, concepts) -> list[str]:
+    """Words this model's tokenizer does not know as words: split (almost) into single letters."""
+    out = []
+    for c in concepts:
+        for w in re.findall(r"[A-Za-z]{2,}", c):
+            pieces = [p.replace("</w>", "") for p in model.tokenizer.tokenize(w)]
+            if len(pieces) >= 2 and sum(len(p) == 1 for p in pieces) >= len(pieces) - 1 and w not in out:
+                out.append(w)
+    return out
+
+
 def compute_delta(model, plan: EditPlan, **kw) -> ConceptDelta:
-    return engine(plan.method)(model, plan, **kw)
+    """The delta of ``plan`` on ``model`` by ``plan.method``; warns about concept words the
+    model's tokenizer spells letter by letter (the edit then targets letter tokens)."""
+    unknown = unknown_words(model, [e.source for e in plan.edits])
+    if unknown:
+        warnings.warn(f"this model's tokenizer does not know these words and spells them letter by letter: "
+                      f"{', '.join(unknown)}; check the spelling", stacklevel=2)
+    delta = engine(plan.method)(model, plan, **kw)
+    if unknown:
+        delta.metadata["unknown_words"] = unknown
+    return delta

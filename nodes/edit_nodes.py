@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..core.settings import build_settings, settings_class, spelling
+from ..core.settings import SettingsError, build_settings, settings_class, spelling
 from ..engines import compute_delta
 from .common import (
     CATEGORY,
@@ -40,14 +40,28 @@ METHODS = {
 WIDGET_NAMES = {"lam": "lambda_"}  # widget name -> kept from earlier releases (saved graphs use it)
 
 
-def _widget(f, fixed_site: str) -> tuple:
-    """A ComfyUI widget for settings field ``f``, built from its type, default, choices and help."""
+def _valid_choices(engine: str, fixed: dict, key: str, choices) -> list:
+    """The values of a choice setting that the node's fixed settings allow."""
+    out = []
+    for c in choices:
+        try:
+            build_settings(engine, {**fixed, key: c})
+            out.append(c)
+        except SettingsError:
+            pass
+    return out
+
+
+def _widget(f, engine: str, fixed: dict, site: str) -> tuple | None:
+    """A ComfyUI widget for settings field ``f`` (from its type, default, choices and help), or
+    None when the node's fixed settings leave it a single value."""
     meta = f.metadata
     tip = {"tooltip": meta.get("help", "")}
-    if f.name == "layers" and fixed_site == "unet":
-        return (["kv", "v"], {"default": "kv", **tip})
-    if meta.get("choices"):
-        return (list(meta["choices"]), {"default": f.default, **tip})
+    key = spelling(f.name)
+    choices = meta.get("choices") or (("kv", "v") if f.name == "layers" and site == "unet" else None)
+    if choices:
+        ok = _valid_choices(engine, fixed, key, choices)
+        return (ok, {"default": ok[0] if f.default not in ok else f.default, **tip}) if len(ok) > 1 else None
     if f.default is None or f.type == "typing.Any":  # free-form (e.g. layer lists): text, empty = default
         return ("STRING", {"default": "", "tooltip": tip["tooltip"] + " (empty: default)"})
     if isinstance(f.default, bool):
@@ -66,10 +80,10 @@ def setting_widgets(method_key: str) -> dict[str, tuple]:
     inactive = build_settings(engine, fixed).inactive()
     out = {}
     for f in dataclasses.fields(cls):
-        ch = f.metadata.get("choices")
-        if not f.metadata.get("node") or f.name in fixed or f.name in inactive or (ch and len(ch) == 1):
-            continue
-        out[WIDGET_NAMES.get(f.name, f.name)] = _widget(f, site)
+        if f.metadata.get("node") and f.name not in fixed and f.name not in inactive:
+            w = _widget(f, engine, fixed, site)
+            if w is not None:
+                out[WIDGET_NAMES.get(f.name, f.name)] = w
     return out
 
 

@@ -1,8 +1,8 @@
 """EMCID: stage II against its objective, multi-layer spreading, stage I caching, layer selection."""
 import pytest
 import torch
-from concept_edit.core.settings import build_settings
 from concept_edit.core.plan import Edit, EditPlan
+from concept_edit.core.settings import build_settings
 from concept_edit.solvers.emcid import (
     emcid_objective,
     emcid_solve_layer,

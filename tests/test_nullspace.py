@@ -1,8 +1,8 @@
 """Null-space constrained editing: solver against its objective, projector, history, engines."""
 import pytest
 import torch
-from concept_edit.core.settings import build_settings
 from concept_edit.core.plan import Edit, EditPlan
+from concept_edit.core.settings import build_settings
 from concept_edit.solvers.nullspace import (
     EditHistory,
     null_space_projector,
