@@ -27,7 +27,7 @@ import re
 
 import torch
 
-from .base import CROSS_ATTN_SUFFIXES, EditableModel, PromptTooLongError
+from .base import CROSS_ATTN_SUFFIXES, EditableModel, PromptTooLongError, content_ids
 
 UNET_PREFIX = "diffusion_model."
 # ComfyUI CLIP state-dict prefixes per canonical text-encoder component, by family.
@@ -157,9 +157,7 @@ class ComfyEditableModel(EditableModel):
     def padded_ids(self, text: str) -> list[int]:
         """BOS, tokens, EOS, then the primary stream's padding up to 77 (per-stream padding is
         applied in :meth:`encode_ids`)."""
-        ids = [self.tokenizer.bos_token_id, *self.token_ids(text), self.tokenizer.eos_token_id]
-        if len(ids) > self.max_tokens:
-            raise PromptTooLongError(text, len(ids), self.max_tokens)
+        ids = [self.tokenizer.bos_token_id, *content_ids(self, text), self.tokenizer.eos_token_id]
         primary = "l" if "l" in self._pad else self._streams[0]
         return ids + [self._pad[primary]] * (self.max_tokens - len(ids))
 

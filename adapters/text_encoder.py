@@ -23,7 +23,11 @@ from dataclasses import dataclass
 import torch
 
 from ..core.prompts import Prompt
-from .base import text_module_path
+from .base import content_ids, text_module_path
+
+# The text states the UNet's cross-attention reads (to_k / to_v input), named like a layer: the
+# key of their C0 (second_moments), of their stage I offsets and of null-space edits on them.
+TEXT_STATES = "text_states"
 
 
 class LayerSelectionError(ValueError):
@@ -141,11 +145,7 @@ def tokenize_prompts(model, prompts: list[Prompt]) -> list[TokenizedPrompt]:
     tok = model.tokenizer
     out = []
     for p in prompts:
-        ids = model.token_ids(p.text)
-        if len(ids) + 2 > model.max_tokens:
-            from .base import PromptTooLongError
-
-            raise PromptTooLongError(p.text, len(ids) + 2, model.max_tokens)
+        ids = content_ids(model, p.text)
         n_sub = len(model.token_ids(p.text[: p.subject_end])) if p.subject_end else 0
         out.append(TokenizedPrompt([tok.bos_token_id, *ids, tok.eos_token_id], n_sub))
     return out

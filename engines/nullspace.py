@@ -36,15 +36,15 @@ import time
 
 import torch
 
-from ..adapters.text_encoder import fc2_name, resolve_layers
+from ..adapters.text_encoder import TEXT_STATES, fc2_name, resolve_layers
 from ..core.delta import ConceptDelta, LayerDelta
 from ..core.plan import EditPlan
 from ..core.prompts import expand
 from ..solvers.nullspace import EditHistory, null_space_projector, nullspace_solve_layer
 from .emcid import _base_meta, plan_requests, stage_i_config
 from .multilayer import spread_edit
-from .second_moments import TEXT_STATES, _compute, c0_exclusions, second_moments
-from .stage_i import STATES, compute_targets
+from .second_moments import _compute, c0_exclusions, second_moments
+from .stage_i import compute_targets
 
 
 def _preserve_captions(plan: EditPlan) -> list[str]:
@@ -196,9 +196,9 @@ def _cross_attention(model, plan, history, progress):
             raise ValueError("UNet-guided refinement needs token: last")
         cfg = stage_i_config(plan, default_mode="refine")
         reqs = plan_requests(plan)
-        st1 = compute_targets(model, reqs, plan.templates, {STATES: []}, cfg, cache_dir=o.get("targets_cache_dir"), progress=progress)
+        st1 = compute_targets(model, reqs, plan.templates, {TEXT_STATES: []}, cfg, cache_dir=o.get("targets_cache_dir"), progress=progress)
         owner = torch.arange(len(reqs)).repeat_interleave(len(plan.templates))
-        T = K + st1.deltas[STATES].double()[owner]
+        T = K + st1.deltas[TEXT_STATES].double()[owner]
         steps_run = st1.steps_run
     P, pinfo = projectors(model, plan, [TEXT_STATES], progress=progress)
     proj = P[TEXT_STATES]

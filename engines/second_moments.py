@@ -30,17 +30,18 @@ import torch
 from tqdm.auto import tqdm
 
 from ..adapters.text_encoder import (
+    TEXT_STATES,
     encoder,
     encoder_components,
+    fc2_name,
     padded_batch,
     parse_fc2_name,
     run_encoder,
     tokenize_prompts,
 )
+from ..core.atomic import atomic_path
 from ..core.delta import fingerprint
 from ..core.prompts import Prompt
-
-TEXT_STATES = "text_states"
 
 DEFAULT_CAPTIONS = [
     "a photo of a dog running on the beach", "a cat sleeping on a sofa", "a bowl of fruit on a wooden table",
@@ -158,7 +159,7 @@ def _compute(model, captions: list[str], names: list[str], *, batch_size: int, p
             _, st = run_encoder(model, comp, ids, None, fc2_layers=layers)
             for i in layers:
                 x = st[("fc2_in", i)].to(torch.float64).cpu()[mask]
-                n = f"{comp}.text_model.encoder.layers.{i}.mlp.fc2"
+                n = fc2_name(comp, i)
                 g = x.mT @ x
                 sums[n] = g if sums[n] is None else sums[n] + g
                 counts[n] += x.shape[0]
@@ -230,21 +231,19 @@ def second_moments(
         if path is not None:
             from safetensors.torch import save_file
 
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            save_file(
-                {k: v.contiguous() for k, v in cached.items()},
-                str(tmp),
-                metadata={
-                    "model_fingerprint": mfp,
-                    "corpus_fingerprint": cfp,
-                    "n_captions": str(len(captions)),
-                    "n_samples": json.dumps(counts),
-                    "positions": positions,
-                    "family": model.family,
-                },
-            )
-            os.replace(tmp, path)
+            with atomic_path(path, overwrite=True) as tmp:  # the cache file grows: replace it whole
+                save_file(
+                    {k: v.contiguous() for k, v in cached.items()},
+                    str(tmp),
+                    metadata={
+                        "model_fingerprint": mfp,
+                        "corpus_fingerprint": cfp,
+                        "n_captions": str(len(captions)),
+                        "n_samples": json.dumps(counts),
+                        "positions": positions,
+                        "family": model.family,
+                    },
+                )
     moments = {n: cached[n] for n in names}
     counts = {n: int(counts[n]) for n in names}
     kept, dropped = split_mentions(captions, exclude)

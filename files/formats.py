@@ -49,11 +49,12 @@ def _header(delta: ConceptDelta, names: dict[str, str], extra: dict) -> dict[str
     }
 
 
-def save_lora(delta: ConceptDelta, path: str | Path, *, rank: int | None = None, overwrite: bool = False) -> dict:
-    """Write ``delta`` as a kohya LoRA. Exact when every layer's rank fits ``rank`` (None: exact);
-    otherwise SVD-truncated, with each layer's relative error recorded in the metadata.
+def kohya_state_dict(delta: ConceptDelta, rank: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, float]]:
+    """The kohya LoRA tensors of ``delta`` (``alpha`` = rank, so the LoRA scale is exactly 1):
+    returns (tensors, {kohya name: canonical name}, {canonical name: relative error}).
 
-    Returns {"max_rel_error": …, "errors": {layer: err}}.
+    ``rank``: None keeps every layer exact; otherwise layers of higher rank are SVD-truncated
+    and their relative error recorded. Used for LoRA files and for ComfyUI patches alike.
     """
     family = delta.metadata.get("family")
     tensors: dict[str, torch.Tensor] = {}
@@ -70,6 +71,16 @@ def save_lora(delta: ConceptDelta, path: str | Path, *, rank: int | None = None,
         tensors[f"{key}.lora_down.weight"] = ld.down.float().clone().contiguous()
         tensors[f"{key}.lora_up.weight"] = ld.up.float().clone().contiguous()
         tensors[f"{key}.alpha"] = torch.tensor(float(ld.rank))
+    return tensors, names, errors
+
+
+def save_lora(delta: ConceptDelta, path: str | Path, *, rank: int | None = None, overwrite: bool = False) -> dict:
+    """Write ``delta`` as a kohya LoRA. Exact when every layer's rank fits ``rank`` (None: exact);
+    otherwise SVD-truncated, with each layer's relative error recorded in the metadata.
+
+    Returns {"max_rel_error": …, "errors": {layer: err}}.
+    """
+    tensors, names, errors = kohya_state_dict(delta, rank)
     info = {"kind": "lora", "rank": rank, "max_rel_error": max(errors.values(), default=0.0), "errors": errors}
     with atomic_path(path, overwrite) as tmp:
         save_file(tensors, str(tmp), metadata=_header(delta, names, info))

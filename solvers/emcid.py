@@ -23,21 +23,10 @@ layer already edited, and layer l receives the residual share (z* - z_cur) / (n 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 
-from .linalg import SolveReport, check_finite, solve_spd
-
-
-@dataclass
-class EMCIDLayerSolution:
-    up: torch.Tensor  # (out, n)
-    down: torch.Tensor  # (n, d)
-    report: SolveReport
-
-    def dense(self) -> torch.Tensor:
-        return self.up @ self.down
+from .linalg import LayerSolution, check_finite, solve_spd
 
 
 def emcid_system(keys: torch.Tensor, cov: torch.Tensor | None, *, alpha: float = 0.5, dtype=torch.float64) -> torch.Tensor:
@@ -60,7 +49,7 @@ def emcid_solve_layer(
     *,
     alpha: float = 0.5,
     dtype: torch.dtype = torch.float64,
-) -> EMCIDLayerSolution:
+) -> LayerSolution:
     """Stage II update for one layer: D = alpha R^T K1 [(1-alpha) C0 + alpha K1^T K1]^{-1}.
 
     ``keys`` (n x d) are the layer inputs at the edited tokens, ``residuals`` (n x out) the
@@ -77,7 +66,7 @@ def emcid_solve_layer(
     M = emcid_system(keys, cov, alpha=alpha, dtype=dtype)
     X, report = solve_spd(M, keys.to(dtype).mT)  # d x n = M^{-1} K1^T
     up = alpha * residuals.to(dtype).mT
-    return EMCIDLayerSolution(up=up, down=X.mT, report=report)
+    return LayerSolution(up=up, down=X.mT, report=report)
 
 
 def emcid_objective(W0, D, keys, targets, cov, alpha: float) -> torch.Tensor:
