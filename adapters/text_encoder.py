@@ -232,7 +232,8 @@ def run_layers(model, comp: str, hidden: torch.Tensor, start: int, stop: int) ->
 
     enc = encoder(model, comp)
     tm = text_model(enc)
-    mask = create_causal_mask(config=tm.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None)
+    # keywords as CLIPTextTransformer itself calls it (``past_key_values`` is deprecated for ``cache``)
+    mask = create_causal_mask(config=tm.config, inputs_embeds=hidden, attention_mask=None, cache=None)
     for layer in enc_layers(enc)[start : stop + 1]:
         hidden = layer(hidden, mask, is_causal=True)
     return hidden
