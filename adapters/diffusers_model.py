@@ -14,8 +14,8 @@ from tqdm.auto import tqdm
 from .base import (
     CROSS_ATTN_SUFFIXES,
     EditableModel,
-    PromptTooLongError,
     canonical_text_path,
+    content_ids,
     text_module_path,
 )
 from .families import FAMILIES, detect_family, encoders_from_configs
@@ -144,10 +144,9 @@ class DiffusersModel(EditableModel):
 
     def padded_ids(self, text: str) -> list[int]:
         """The ids the pipeline itself feeds for ``text``: BOS, tokens, EOS, padding to max length."""
-        ids = self.tokenizer(text, padding="max_length", max_length=self.max_tokens, truncation=False).input_ids
-        if len(ids) > self.max_tokens:
-            raise PromptTooLongError(text, len(ids), self.max_tokens)
-        return ids
+        tok = self.tokenizer
+        ids = [tok.bos_token_id, *content_ids(self, text), tok.eos_token_id]
+        return ids + [tok.pad_token_id] * (self.max_tokens - len(ids))
 
     # -- layers ---------------------------------------------------------------
     def cross_attention_weights(self) -> dict[str, torch.nn.Parameter]:
