@@ -32,7 +32,14 @@ from typing import Iterable, Mapping
 import torch
 
 from .base import canonical_text_path
-from .families import FAMILIES, TEXT_ENCODERS, UnknownFamilyError, detect_family, encoders_from_configs, encoders_from_keys
+from .families import (
+    FAMILIES,
+    TEXT_ENCODERS,
+    UnknownFamilyError,
+    detect_family,
+    encoders_from_configs,
+    encoders_from_keys,
+)
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

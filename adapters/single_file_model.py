@@ -18,6 +18,7 @@ import torch
 
 from .base import CROSS_ATTN_SUFFIXES, canonical_text_path, text_module_path
 from .diffusers_model import PICKLE_SUFFIXES, DiffusersModel, ModelLoadError
+from .families import detect_family, encoders_from_configs
 from .ldm_keymap import (
     TEXT_ENCODERS,
     LayoutError,
@@ -27,7 +28,6 @@ from .ldm_keymap import (
     read_configs,
     single_file_family,
 )
-from .families import detect_family, encoders_from_configs
 from .safetensors_stream import SafetensorsReader, read_safetensors_header
 
 _NEEDS_FULL = ("SingleFileModel loads only the text encoders (and reads edited weights lazily); "

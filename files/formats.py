@@ -209,7 +209,11 @@ def _converted_kohya_names(tensors: dict[str, torch.Tensor], known) -> dict[str,
     """{kohya name: canonical layer} through diffusers' converters (SGM block renumbering, kohya ->
     diffusers -> peft names). Names it cannot place are left out (the caller reports them)."""
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
-    from diffusers.utils.state_dict_utils import StateDictType, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+    from diffusers.utils.state_dict_utils import (
+        StateDictType,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
 
     sd = {k: t for k, t in tensors.items() if k.startswith(KOHYA_PREFIXES) and k.endswith((".lora_down.weight", ".lora_up.weight"))}
     if not sd:

@@ -23,7 +23,6 @@ layer already edited, and layer l receives the residual share (z* - z_cur) / (n 
 """
 from __future__ import annotations
 
-
 import torch
 
 from .linalg import LayerSolution, check_finite, solve_spd

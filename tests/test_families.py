@@ -8,7 +8,11 @@ from concept_edit.adapters.families import (
     encoders_from_configs,
     encoders_from_keys,
 )
-from concept_edit.adapters.ldm_keymap import pipeline_entries, read_configs, single_file_family
+from concept_edit.adapters.ldm_keymap import (
+    pipeline_entries,
+    read_configs,
+    single_file_family,
+)
 
 # ComfyUI's CLIP state dicts hold each encoder under clip_<stream>.transformer. with transformers
 # names (written out here, independently of the family table)

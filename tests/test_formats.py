@@ -123,7 +123,10 @@ def _random_delta(model, g, *, text_layers=(0, 1)):
 def test_foreign_lora_with_sgm_block_names_loads(tiny, family, tmp_path):
     """A kohya LoRA naming UNet layers by the original (SGM/ldm) blocks, as kohya's SDXL trainer and
     A1111 write them, resolves onto the same layers (through diffusers' converters)."""
-    from concept_edit.adapters.ldm_keymap import UNET_PREFIX, canonical_to_single_file_keys
+    from concept_edit.adapters.ldm_keymap import (
+        UNET_PREFIX,
+        canonical_to_single_file_keys,
+    )
     from safetensors.torch import save_file
 
     pipe, model = tiny(family)
@@ -174,9 +177,11 @@ def test_lora_saved_by_diffusers_loads(family, tmp_path):
     # transformers' add_adapter wants a newer peft than diffusers does; inject with peft itself
     inject_adapter_in_model(te_cfg, pipe.text_encoder)
     te_layers = {k.replace(".default", ""): v for k, v in pipe.text_encoder.state_dict().items() if ".lora_" in k}
-    kw = dict(unet_lora_layers=get_peft_model_state_dict(pipe.unet), text_encoder_lora_layers=te_layers,
-              unet_lora_adapter_metadata=unet_cfg.to_dict(), text_encoder_lora_adapter_metadata=te_cfg.to_dict())
-    type(pipe).save_lora_weights(str(tmp_path), weight_name="peft.safetensors", **kw)
+    type(pipe).save_lora_weights(
+        str(tmp_path), weight_name="peft.safetensors",
+        unet_lora_layers=get_peft_model_state_dict(pipe.unet), text_encoder_lora_layers=te_layers,
+        unet_lora_adapter_metadata=unet_cfg.to_dict(), text_encoder_lora_adapter_metadata=te_cfg.to_dict(),
+    )
     path = tmp_path / "peft.safetensors"
     with safe_open(str(path), "pt") as f:
         assert all(".lora_A." in k or ".lora_B." in k for k in f.keys())

@@ -13,6 +13,7 @@ import torch
 from concept_edit.core.delta import ConceptDelta, LayerDelta
 from concept_edit.core.plan import PlanError
 from concept_edit.engines.registry import compute_delta
+from concept_edit.files.formats import kohya_state_dict
 from concept_edit.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from concept_edit.nodes.common import (
     common_settings,
@@ -28,7 +29,6 @@ from concept_edit.nodes.common import (
     residual_errors,
 )
 from concept_edit.nodes.delta_io_nodes import next_path
-from concept_edit.files.formats import kohya_state_dict
 from concept_edit.nodes.patches import split_components
 
 REPO = Path(__file__).resolve().parents[1]
