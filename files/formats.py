@@ -9,6 +9,8 @@ diffusers' ``load_lora_weights`` understand::
 
 ``alpha`` equals the stored rank, so the LoRA scale is exactly 1. The canonical layer names
 and the delta's metadata travel in the safetensors header, so a file loads back exactly.
+LoRAs made elsewhere (kohya names with the original SGM/ldm block names, peft/diffusers files)
+load through diffusers' own converters (:func:`resolve_foreign`).
 """
 from __future__ import annotations
 
