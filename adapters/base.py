@@ -16,6 +16,15 @@ class PromptTooLongError(ValueError):
         super().__init__(f"prompt {text!r} is {n} tokens long; the tokenizer limit is {limit} (including BOS/EOS)")
 
 
+def content_ids(model, text: str) -> list[int]:
+    """Content token ids of ``text`` (no BOS/EOS) on ``model``; refuses a prompt that with BOS
+    and EOS exceeds the model's ``max_tokens`` (the pipeline would silently truncate it)."""
+    ids = model.token_ids(text)
+    if len(ids) + 2 > model.max_tokens:
+        raise PromptTooLongError(text, len(ids) + 2, model.max_tokens)
+    return ids
+
+
 class EditableModel:
     """Protocol (duck-typed) of what engines need from a model.
 

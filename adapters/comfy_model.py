@@ -27,15 +27,13 @@ import re
 
 import torch
 
-from .base import CROSS_ATTN_SUFFIXES, EditableModel, PromptTooLongError
+from .base import CROSS_ATTN_SUFFIXES, EditableModel, PromptTooLongError, content_ids
+from .families import FAMILIES, UnknownFamilyError, encoders_from_keys
+from .families import detect_family as _detect_family
 
 UNET_PREFIX = "diffusion_model."
 # ComfyUI CLIP state-dict prefixes per canonical text-encoder component, by family.
-CLIP_PREFIXES = {
-    "sd1": {"text_encoder": "clip_l.transformer."},
-    "sd2": {"text_encoder": "clip_h.transformer."},
-    "sdxl": {"text_encoder": "clip_l.transformer.", "text_encoder_2": "clip_g.transformer."},
-}
+CLIP_PREFIXES = {fam.name: {e.component: e.comfy_prefix for e in fam.text_encoders} for fam in FAMILIES.values()}
 
 
 class ComfyModelError(ValueError):
@@ -46,16 +44,20 @@ def _unet_config(model_patcher) -> dict:
     return model_patcher.model.model_config.unet_config
 
 
-def detect_family(model_patcher, clip=None) -> str:
-    """"sd1" | "sd2" | "sdxl" from the UNet's context width (768 / 1024 / 2048)."""
+def _clip_keys(clip):
+    return clip.patcher.model.state_dict().keys() if hasattr(clip.patcher, "model") else clip.cond_stage_model.state_dict().keys()
+
+
+def detect_family(model_patcher, clip) -> str:
+    """"sd1" | "sd2" | "sdxl" from the CLIP's encoders (its state-dict prefixes ``clip_l`` /
+    ``clip_h`` / ``clip_g``), checked against the UNet's context width (768 / 1024 / 2048)."""
     ctx = _unet_config(model_patcher).get("context_dim")
-    fam = {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(ctx)
-    if fam is None:
-        raise ComfyModelError(
-            f"unsupported model: cross-attention context width {ctx}; ConceptEdit supports SD 1.x (768), "
-            "SD 2.x (1024) and SDXL (2048) UNets"
-        )
-    return fam
+    if ctx is None:
+        raise ComfyModelError("unsupported model: its UNet has no cross-attention context; ConceptEdit supports SD 1.x, SD 2.x and SDXL")
+    try:
+        return _detect_family(encoders_from_keys(_clip_keys(clip), "comfy_prefix"), cross_attention_dim=ctx)
+    except UnknownFamilyError as e:
+        raise ComfyModelError(str(e)) from None
 
 
 def canonical_unet_names(model_patcher) -> dict[str, str]:
@@ -72,7 +74,7 @@ def canonical_unet_names(model_patcher) -> dict[str, str]:
 
 def canonical_clip_names(clip, family: str) -> dict[str, str]:
     """canonical ``text_encoder[_2].text_model...`` -> ComfyUI CLIP state-dict key of its weight."""
-    keys = clip.patcher.model.state_dict().keys() if hasattr(clip.patcher, "model") else clip.cond_stage_model.state_dict().keys()
+    keys = _clip_keys(clip)
     out = {}
     for comp, prefix in CLIP_PREFIXES[family].items():
         for k in keys:
@@ -157,9 +159,7 @@ class ComfyEditableModel(EditableModel):
     def padded_ids(self, text: str) -> list[int]:
         """BOS, tokens, EOS, then the primary stream's padding up to 77 (per-stream padding is
         applied in :meth:`encode_ids`)."""
-        ids = [self.tokenizer.bos_token_id, *self.token_ids(text), self.tokenizer.eos_token_id]
-        if len(ids) > self.max_tokens:
-            raise PromptTooLongError(text, len(ids), self.max_tokens)
+        ids = [self.tokenizer.bos_token_id, *content_ids(self, text), self.tokenizer.eos_token_id]
         primary = "l" if "l" in self._pad else self._streams[0]
         return ids + [self._pad[primary]] * (self.max_tokens - len(ids))
 

@@ -14,10 +14,11 @@ from tqdm.auto import tqdm
 from .base import (
     CROSS_ATTN_SUFFIXES,
     EditableModel,
-    PromptTooLongError,
     canonical_text_path,
+    content_ids,
     text_module_path,
 )
+from .families import FAMILIES, detect_family, encoders_from_configs
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 
@@ -93,13 +94,8 @@ class DiffusersModel(EditableModel):
         te2 = getattr(pipe, "text_encoder_2", None)
         self.encoders = [pipe.text_encoder] + ([te2] if te2 is not None else [])
         self.tokenizer = pipe.tokenizer
-        if te2 is not None:
-            self.family = "sdxl"
-        elif pipe.text_encoder.config.hidden_size >= 1024 or self.tokenizer.pad_token == "!":
-            # SD 2.x: OpenCLIP ViT-H (1024 wide); its tokenizer pads with "!" rather than EOS.
-            self.family = "sd2"
-        else:
-            self.family = "sd1"
+        self.family = detect_family(encoders_from_configs({"text_encoder": pipe.text_encoder.config,
+                                                           "text_encoder_2": te2.config if te2 is not None else None}))
         self.max_tokens = self.tokenizer.model_max_length
         self.key_dim = pipe.unet.config.cross_attention_dim
 
@@ -110,7 +106,7 @@ class DiffusersModel(EditableModel):
 
     # -- encoding -------------------------------------------------------------
     def _hidden(self, enc, ids: torch.Tensor) -> torch.Tensor:
-        if self.family == "sdxl":
+        if FAMILIES[self.family].penultimate:
             # SDXL's UNet reads the penultimate layer of both encoders (no final layer norm).
             out = enc(ids, output_hidden_states=True)
             return out.hidden_states[-2]
@@ -148,10 +144,9 @@ class DiffusersModel(EditableModel):
 
     def padded_ids(self, text: str) -> list[int]:
         """The ids the pipeline itself feeds for ``text``: BOS, tokens, EOS, padding to max length."""
-        ids = self.tokenizer(text, padding="max_length", max_length=self.max_tokens, truncation=False).input_ids
-        if len(ids) > self.max_tokens:
-            raise PromptTooLongError(text, len(ids), self.max_tokens)
-        return ids
+        tok = self.tokenizer
+        ids = [tok.bos_token_id, *content_ids(self, text), tok.eos_token_id]
+        return ids + [tok.pad_token_id] * (self.max_tokens - len(ids))
 
     # -- layers ---------------------------------------------------------------
     def cross_attention_weights(self) -> dict[str, torch.nn.Parameter]:

@@ -32,20 +32,23 @@ from typing import Iterable, Mapping
 import torch
 
 from .base import canonical_text_path
+from .families import (
+    FAMILIES,
+    TEXT_ENCODERS,
+    UnknownFamilyError,
+    detect_family,
+    encoders_from_configs,
+    encoders_from_keys,
+)
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 
-# family -> text-encoder component -> (layout, single-file prefix)
+# family -> text-encoder component -> (layout, single-file prefix); from the family table
 TEXT_ENCODER_LAYOUT = {
-    "sd1": {"text_encoder": ("hf", "cond_stage_model.transformer.")},
-    "sd2": {"text_encoder": ("openclip", "cond_stage_model.model.")},
-    "sdxl": {
-        "text_encoder": ("hf", "conditioner.embedders.0.transformer."),
-        "text_encoder_2": ("openclip", "conditioner.embedders.1.model."),
-    },
+    fam.name: {e.component: ("hf" if e.kind == "clip" else "openclip", e.single_file_prefix) for e in fam.text_encoders}
+    for fam in FAMILIES.values()
 }
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 COMPONENTS = ("unet", "vae") + TEXT_ENCODERS
 
 
@@ -105,23 +108,15 @@ def _per_block(v, n: int) -> list[int]:
     return [int(v)] * n if isinstance(v, int) else [int(x) for x in v]
 
 
-def detect_family(configs: Mapping[str, dict], keys: Iterable[str] | None = None) -> str:
-    """"sd1" | "sd2" | "sdxl" from the component configs (or, better, a single file's keys).
-
-    OpenAI CLIP-L (SD 1.x) uses quick_gelu; the OpenCLIP encoders of SD 2.x use gelu.
-    """
-    if keys is not None:
-        keys = set(keys)
-        if any(k.startswith("conditioner.embedders.1.model.") for k in keys):
-            return "sdxl"
-        if any(k.startswith("cond_stage_model.model.") for k in keys):
-            return "sd2"
-        if any(k.startswith("cond_stage_model.transformer.") for k in keys):
-            return "sd1"
-    if configs.get("text_encoder_2"):
-        return "sdxl"
-    te = configs.get("text_encoder") or {}
-    return "sd2" if te.get("hidden_act", "quick_gelu") != "quick_gelu" else "sd1"
+def single_file_family(configs, keys: Iterable[str]) -> str:
+    """The family of an original-layout file: from the text-encoder prefixes its ``keys`` carry
+    or, if it holds no text encoder, from ``configs`` (component configs or a diffusers folder)."""
+    try:
+        return detect_family(encoders_from_keys(keys, "single_file_prefix"))
+    except UnknownFamilyError:
+        if isinstance(configs, (str, Path)):
+            configs = read_configs(configs)
+        return detect_family(encoders_from_configs(configs))
 
 
 # -- UNet --------------------------------------------------------------------------------------
@@ -293,7 +288,7 @@ def layout_entries(components: Mapping[str, Iterable[str]], configs: Mapping[str
     ``components``: component name -> its state-dict keys (text encoders: canonical keys,
     see :func:`canonical_text_key`). Raises :class:`LayoutError` for any key with no place.
     """
-    family = family or detect_family(configs)
+    family = family or detect_family(encoders_from_configs(configs))
     out: list[Entry] = []
     if "unet" in components:
         ul = UNetLayout(configs["unet"])

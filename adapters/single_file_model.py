@@ -18,14 +18,15 @@ import torch
 
 from .base import CROSS_ATTN_SUFFIXES, canonical_text_path, text_module_path
 from .diffusers_model import PICKLE_SUFFIXES, DiffusersModel, ModelLoadError
+from .families import detect_family, encoders_from_configs
 from .ldm_keymap import (
     TEXT_ENCODERS,
     LayoutError,
     component_keys,
-    detect_family,
     layout_entries,
     meta_component,
     read_configs,
+    single_file_family,
 )
 from .safetensors_stream import SafetensorsReader, read_safetensors_header
 
@@ -103,8 +104,8 @@ class SingleFileModel(DiffusersModel):
         header, _ = read_safetensors_header(path)
         self.file_keys = {k: v for k, v in header.items() if k != "__metadata__"}
         self.metadata = header.get("__metadata__", {})
-        self.layout_family = detect_family(self.configs, self.file_keys)
-        want = detect_family(self.configs)
+        self.layout_family = single_file_family(self.configs, self.file_keys)
+        want = detect_family(encoders_from_configs(self.configs))
         if want != self.layout_family:
             raise ModelLoadError(f"{path.name} holds a {self.layout_family} checkpoint but config {config} is {want}")
         encoders = {c: self._load_text_encoder(c) for c in TEXT_ENCODERS if c in self.configs}

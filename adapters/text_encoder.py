@@ -23,7 +23,12 @@ from dataclasses import dataclass
 import torch
 
 from ..core.prompts import Prompt
-from .base import text_module_path
+from .base import content_ids, text_module_path
+from .families import FAMILIES
+
+# The text states the UNet's cross-attention reads (to_k / to_v input), named like a layer: the
+# key of their C0 (second_moments), of their stage I offsets and of null-space edits on them.
+TEXT_STATES = "text_states"
 
 
 class LayerSelectionError(ValueError):
@@ -57,7 +62,7 @@ def num_layers(model, comp: str) -> int:
 def read_depth(model, comp: str) -> int:
     """How many layers (from the bottom) the UNet's text states depend on."""
     n = num_layers(model, comp)
-    return n - 1 if model.family == "sdxl" else n
+    return n - 1 if FAMILIES[model.family].penultimate else n
 
 
 def default_layers(model, comp: str) -> list[int]:
@@ -120,7 +125,7 @@ def resolve_layers(model, spec=None) -> dict[str, list[int]]:
         if bad:
             raise LayerSelectionError(
                 f"{comp}: cannot edit layer(s) {bad}; this {model.family} pipeline reads layers 0..{depth - 1} "
-                f"of {n}" + (" (SDXL reads the penultimate layer)" if model.family == "sdxl" else "")
+                f"of {n}" + (" (it reads the penultimate layer)" if FAMILIES[model.family].penultimate else "")
             )
         if not layers:
             raise LayerSelectionError(f"{comp}: no layers selected")
@@ -141,11 +146,7 @@ def tokenize_prompts(model, prompts: list[Prompt]) -> list[TokenizedPrompt]:
     tok = model.tokenizer
     out = []
     for p in prompts:
-        ids = model.token_ids(p.text)
-        if len(ids) + 2 > model.max_tokens:
-            from .base import PromptTooLongError
-
-            raise PromptTooLongError(p.text, len(ids) + 2, model.max_tokens)
+        ids = content_ids(model, p.text)
         n_sub = len(model.token_ids(p.text[: p.subject_end])) if p.subject_end else 0
         out.append(TokenizedPrompt([tok.bos_token_id, *ids, tok.eos_token_id], n_sub))
     return out
@@ -232,7 +233,8 @@ def run_layers(model, comp: str, hidden: torch.Tensor, start: int, stop: int) ->
 
     enc = encoder(model, comp)
     tm = text_model(enc)
-    mask = create_causal_mask(config=tm.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None)
+    # keywords as CLIPTextTransformer itself calls it (``past_key_values`` is deprecated for ``cache``)
+    mask = create_causal_mask(config=tm.config, inputs_embeds=hidden, attention_mask=None, cache=None)
     for layer in enc_layers(enc)[start : stop + 1]:
         hidden = layer(hidden, mask, is_causal=True)
     return hidden
@@ -309,7 +311,7 @@ def subject_states(
 
 # -- what the UNet reads -----------------------------------------------------------------------
 def _unet_states(model, comp, out, store):
-    if model.family == "sdxl":
+    if FAMILIES[model.family].penultimate:
         return store[("out", num_layers(model, comp) - 2)]
     return out.last_hidden_state
 
@@ -338,7 +340,7 @@ def unet_conditioning(
     for comp in encoder_components(model):
         ids = padded_batch(model, comp, prompts)
         n = num_layers(model, comp)
-        outs = (n - 2,) if model.family == "sdxl" else ()
+        outs = (n - 2,) if FAMILIES[model.family].penultimate else ()
         out, st = run_encoder(model, comp, ids, None, out_layers=outs, injection=injections.get(comp), grad=grad)
         states.append(_unet_states(model, comp, out, st))
         pos = eos_positions(ids, model.tokenizer.eos_token_id).to(out.last_hidden_state.device)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters.base import EditableModel, PromptTooLongError
+from ..adapters.base import EditableModel, content_ids
 from ..core.prompts import Prompt
 
 
@@ -29,9 +29,7 @@ class KeyEncoder:
 
     def _content_ids(self, p: Prompt) -> tuple[list[int], int]:
         """(ids of the whole text, number of ids up to and including the subject)."""
-        ids = self.model.token_ids(p.text)
-        if len(ids) + 2 > self.model.max_tokens:
-            raise PromptTooLongError(p.text, len(ids) + 2, self.model.max_tokens)
+        ids = content_ids(self.model, p.text)
         if self.eos in ids:  # tokenizers map words they do not know to the unknown (=EOS) token
             raise UnknownConceptError(f"prompt {p.text!r} contains words this model's tokenizer does not know")
         if p.subject_end == len(p.text):

@@ -41,15 +41,15 @@ import time
 
 import torch
 
-from ..adapters.text_encoder import fc2_name, resolve_layers
+from ..adapters.text_encoder import TEXT_STATES, fc2_name, resolve_layers
 from ..core.delta import ConceptDelta, LayerDelta
 from ..core.plan import EditPlan
 from ..core.prompts import expand
 from ..solvers.nullspace import EditHistory, null_space_projector, nullspace_solve_layer
 from .metadata import delta_metadata
 from .multilayer import spread_edit
-from .second_moments import TEXT_STATES, c0_exclusions, caption_moments, second_moments
-from .stage_i import STATES, compute_targets, requests_for, stage_i_config
+from .second_moments import c0_exclusions, caption_moments, second_moments
+from .stage_i import compute_targets, requests_for, stage_i_config
 
 
 def _preserve_captions(plan: EditPlan) -> list[str]:
@@ -190,10 +190,10 @@ def _cross_attention(model, plan, history, progress):
     steps_run = 0
     if s.targets == "refine":
         reqs = requests_for(plan)
-        st1 = compute_targets(model, reqs, plan.templates, {STATES: []}, stage_i_config(s), cache_dir=s.targets_cache_dir,
+        st1 = compute_targets(model, reqs, plan.templates, {TEXT_STATES: []}, stage_i_config(s), cache_dir=s.targets_cache_dir,
                               executor=s.executor, progress=progress)
         owner = torch.arange(len(reqs)).repeat_interleave(len(plan.templates))
-        T = K + st1.deltas[STATES].double()[owner]
+        T = K + st1.deltas[TEXT_STATES].double()[owner]
         steps_run = st1.steps_run
     P, pinfo = projectors(model, plan, [TEXT_STATES], progress=progress)
     proj = P[TEXT_STATES]

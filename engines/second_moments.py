@@ -31,16 +31,17 @@ import torch
 from tqdm.auto import tqdm
 
 from ..adapters.text_encoder import (
+    TEXT_STATES,
     TokenizedPrompt,
     encoder,
     encoder_components,
+    fc2_name,
     padded_batch,
     parse_fc2_name,
     run_encoder,
 )
+from ..core.atomic import atomic_path
 from ..core.delta import fingerprint
-
-TEXT_STATES = "text_states"
 
 DEFAULT_CAPTIONS = [
     "a photo of a dog running on the beach", "a cat sleeping on a sofa", "a bowl of fruit on a wooden table",
@@ -173,7 +174,7 @@ def caption_moments(model, captions: list[str], names: list[str], *, batch_size:
             _, st = run_encoder(model, comp, ids, None, fc2_layers=layers)
             for i in layers:
                 x = st[("fc2_in", i)].to(torch.float64).cpu()[mask]
-                n = f"{comp}.text_model.encoder.layers.{i}.mlp.fc2"
+                n = fc2_name(comp, i)
                 g = x.mT @ x
                 sums[n] = g if sums[n] is None else sums[n] + g
                 counts[n] += x.shape[0]
@@ -248,22 +249,20 @@ def second_moments(
         if path is not None:
             from safetensors.torch import save_file
 
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            save_file(
-                {k: v.contiguous() for k, v in cached.items()},
-                str(tmp),
-                metadata={
-                    "model_fingerprint": mfp,
-                    "corpus_fingerprint": cfp,
-                    "n_captions": str(len(captions)),
-                    "n_samples": json.dumps(counts),
-                    "positions": positions,
-                    "family": model.family,
-                    "n_truncated": str(n_truncated),
-                },
-            )
-            os.replace(tmp, path)
+            with atomic_path(path, overwrite=True) as tmp:  # the cache file grows: replace it whole
+                save_file(
+                    {k: v.contiguous() for k, v in cached.items()},
+                    str(tmp),
+                    metadata={
+                        "model_fingerprint": mfp,
+                        "corpus_fingerprint": cfp,
+                        "n_captions": str(len(captions)),
+                        "n_samples": json.dumps(counts),
+                        "positions": positions,
+                        "family": model.family,
+                        "n_truncated": str(n_truncated),
+                    },
+                )
     moments = {n: cached[n] for n in names}
     counts = {n: int(counts[n]) for n in names}
     kept, dropped = split_mentions(captions, exclude)

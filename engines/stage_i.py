@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..adapters.text_encoder import (
+    TEXT_STATES,
     Injection,
     encoder_components,
     subject_states,
@@ -46,11 +47,11 @@ from ..adapters.text_encoder import (
     tokenize_prompts,
     unet_conditioning,
 )
+from ..core.atomic import atomic_path
 from ..core.delta import fingerprint
 from ..core.prompts import expand
 
 MODES = ("distill", "images", "text", "dest_hidden", "refine")
-STATES = "states"  # pseudo-component: offsets on the UNet-read text states (cross-attention editing)
 
 
 @dataclass
@@ -194,8 +195,8 @@ def _layer_states(model, comp, prompts, L):
 def optimize_chunk(model, reqs: list[TargetRequest], templates, layers: dict[str, list[int]], cfg: StageIConfig, *, progress=True):
     """Offsets for ``reqs`` (one joint optimisation). Returns ({comp: (B, hidden)}, steps, losses)."""
     B, T = len(reqs), len(templates)
-    states_site = STATES in layers
-    comps = [STATES] if states_site else [c for c in encoder_components(model) if c in layers]
+    states_site = TEXT_STATES in layers
+    comps = [TEXT_STATES] if states_site else [c for c in encoder_components(model) if c in layers]
     src = tokenize_prompts(model, [p for r in reqs for p in expand(r.source, templates)])
     dst = tokenize_prompts(model, [p for r in reqs for p in expand(r.dest, templates)])
     owner = torch.arange(B).repeat_interleave(T)
@@ -270,7 +271,7 @@ def optimize_chunk(model, reqs: list[TargetRequest], templates, layers: dict[str
     for _ in it:
         opt.zero_grad()
         if states_site:
-            so = Injection(-1, deltas[STATES][owner], pos)
+            so = Injection(-1, deltas[TEXT_STATES][owner], pos)
             ehs, added, eos_src = unet_conditioning(model, src, state_offset=so, grad=True)
         else:
             inj = {c: Injection(layers[c][-1], deltas[c][owner], pos) for c in comps}
@@ -329,7 +330,7 @@ def compute_targets(
     cfg = cfg or StageIConfig()
     if cfg.mode not in MODES:
         raise ValueError(f"stage I mode must be one of {MODES}, got {cfg.mode!r}")
-    comps = [STATES] if STATES in layers else [c for c in encoder_components(model) if c in layers]
+    comps = [TEXT_STATES] if TEXT_STATES in layers else [c for c in encoder_components(model) if c in layers]
     model_fp = fingerprint(text_states_fingerprint_weights(model))
     cache = Path(cache_dir) if cache_dir is not None and cfg.mode != "dest_hidden" else None
     out: dict[int, dict[str, torch.Tensor]] = {}
@@ -360,9 +361,8 @@ def compute_targets(
         for j, i in enumerate(idx):
             out[i] = {c: res[c][j].contiguous() for c in comps}
             if cache is not None:
-                tmp = files[i].with_suffix(".tmp")
-                save_file(out[i], str(tmp), metadata={"source": requests[i].source, "dest": requests[i].dest, "mode": cfg.mode})
-                tmp.replace(files[i])
+                with atomic_path(files[i], overwrite=True) as tmp:
+                    save_file(out[i], str(tmp), metadata={"source": requests[i].source, "dest": requests[i].dest, "mode": cfg.mode})
 
     if executor == "ray" and chunks:
         import ray

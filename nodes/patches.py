@@ -1,7 +1,8 @@
 """ConceptDelta <-> ComfyUI weight patches, in one place so the nodes stay thin.
 
-A delta is turned into the same kohya LoRA state dict :func:`.formats.save_lora` writes
-(``lora_unet_<diffusers path>`` / ``lora_te_`` / ``lora_te1_`` / ``lora_te2_``, ``alpha`` = rank),
+A delta is turned into the kohya LoRA state dict :func:`.formats.save_lora` writes
+(:func:`.formats.kohya_state_dict`: ``lora_unet_<diffusers path>`` / ``lora_te_`` / ``lora_te1_`` /
+``lora_te2_``, ``alpha`` = rank),
 and that dict goes through ComfyUI's own LoRA machinery (``comfy.lora.load_lora`` with the key maps
 of ``model_lora_keys_unet`` / ``model_lora_keys_clip``). The patches are therefore exactly what
 ComfyUI's LoraLoader would produce for the saved file, in whatever patch format the installed
@@ -11,26 +12,12 @@ ComfyUI uses, and checkpoint saving, LoRA stacking and ``strength`` behave as fo
 """
 from __future__ import annotations
 
-import torch
-
 from ..core.delta import ConceptDelta, LayerDelta
-from ..files.formats import kohya_name
+from ..files.formats import kohya_state_dict
 
 
 class UnloadedKeysError(ValueError):
     pass
-
-
-def lora_state_dict(delta: ConceptDelta) -> dict[str, torch.Tensor]:
-    """kohya LoRA tensors for ``delta`` (alpha = rank, so ComfyUI's scale is exactly 1)."""
-    family = delta.metadata.get("family")
-    sd: dict[str, torch.Tensor] = {}
-    for canonical, ld in delta.layers.items():
-        key = kohya_name(canonical, family)
-        sd[f"{key}.lora_up.weight"] = ld.up.float().contiguous()
-        sd[f"{key}.lora_down.weight"] = ld.down.float().contiguous()
-        sd[f"{key}.alpha"] = torch.tensor(float(ld.rank))
-    return sd
 
 
 def split_components(delta: ConceptDelta) -> tuple[ConceptDelta, ConceptDelta]:
@@ -68,7 +55,7 @@ def apply_to_comfy(delta: ConceptDelta, model=None, clip=None, *, strength_model
     if unet_part.layers:
         if model is None:
             raise UnloadedKeysError("the delta edits UNet layers but no MODEL is connected")
-        sd = lora_state_dict(unet_part)
+        sd = kohya_state_dict(unet_part)[0]
         patches, unloaded = comfy_patches(sd, comfy.lora.model_lora_keys_unet(model.model, {}))
         if unloaded:
             raise UnloadedKeysError(
@@ -83,7 +70,7 @@ def apply_to_comfy(delta: ConceptDelta, model=None, clip=None, *, strength_model
     if te_part.layers:
         if clip is None:
             raise UnloadedKeysError("the delta edits text-encoder layers but no CLIP is connected")
-        sd = lora_state_dict(te_part)
+        sd = kohya_state_dict(te_part)[0]
         patches, unloaded = comfy_patches(sd, comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}))
         if unloaded:
             raise UnloadedKeysError(f"{len(unloaded)} text-encoder LoRA keys match no layer of this CLIP, e.g. {unloaded[0]}")

@@ -1,10 +1,9 @@
 """Closed-form editing solvers: pure tensor math, no diffusers or ComfyUI imports."""
-from .emcid import EMCIDLayerSolution, emcid_solve_layer, emcid_system, spread_residual
-from .linalg import SolveReport, solve_spd
+from .emcid import emcid_solve_layer, emcid_system, spread_residual
+from .linalg import LayerSolution, SolveReport, solve_spd
 from .nullspace import (
     EditHistory,
     NullSpaceProjector,
-    NullSpaceSolution,
     null_space_projector,
     nullspace_solve_layer,
     projector_from_keys,
@@ -12,9 +11,9 @@ from .nullspace import (
 from .uce import UCESolution, uce_solve, uce_solve_layer
 
 __all__ = [
-    "SolveReport", "solve_spd",
+    "LayerSolution", "SolveReport", "solve_spd",
     "UCESolution", "uce_solve", "uce_solve_layer",
-    "EMCIDLayerSolution", "emcid_solve_layer", "emcid_system", "spread_residual",
-    "EditHistory", "NullSpaceProjector", "NullSpaceSolution", "null_space_projector", "nullspace_solve_layer",
+    "emcid_solve_layer", "emcid_system", "spread_residual",
+    "EditHistory", "NullSpaceProjector", "null_space_projector", "nullspace_solve_layer",
     "projector_from_keys",
 ]

@@ -27,21 +27,9 @@ layer already edited, and layer l receives the residual share (z* - z_cur) / (n 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from .linalg import SolveReport, check_finite, solve_spd
-
-
-@dataclass
-class EMCIDLayerSolution:
-    up: torch.Tensor  # (out, n)
-    down: torch.Tensor  # (n, d)
-    report: SolveReport
-
-    def dense(self) -> torch.Tensor:
-        return self.up @ self.down
+from .linalg import LayerSolution, check_finite, solve_spd
 
 
 def emcid_system(keys: torch.Tensor, cov: torch.Tensor | None, *, alpha: float = 0.5, dtype=torch.float64,
@@ -73,7 +61,7 @@ def emcid_solve_layer(
     weights: torch.Tensor | None = None,
     preserve_keys: torch.Tensor | None = None,
     preserve_scale: float = 1.0,
-) -> EMCIDLayerSolution:
+) -> LayerSolution:
     """Stage II update for one layer: D = alpha R^T W K1 [(1-alpha) C0 + alpha (K1^T W K1 + s Kp^T Kp)]^{-1}.
 
     ``weights`` (n,): per-key weights w (None: 1); ``preserve_keys`` (m x d): keys whose outputs
@@ -96,7 +84,7 @@ def emcid_solve_layer(
     X, report = solve_spd(M, keys.to(dtype).mT)  # d x n = M^{-1} K1^T
     R = residuals.to(dtype) if weights is None else residuals.to(dtype) * weights.to(dtype)[:, None]
     up = alpha * R.mT
-    return EMCIDLayerSolution(up=up, down=X.mT, report=report)
+    return LayerSolution(up=up, down=X.mT, report=report)
 
 
 def emcid_objective(W0, D, keys, targets, cov, alpha: float, weights=None, preserve_keys=None, preserve_scale=1.0) -> torch.Tensor:

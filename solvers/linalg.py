@@ -15,6 +15,24 @@ class SolveReport:
     jitter: float  # extra ridge added to make the factorization succeed (0 if none)
 
 
+@dataclass
+class LayerSolution:
+    """One layer's closed-form update dW = up @ down (UCE per layer, EMCID stage II, null space).
+
+    ``kept_rank`` / ``coverage``: for null-space solves, the dimension of the space the update
+    may use and the share of the edit keys' energy inside it (None for the other solvers).
+    """
+
+    up: torch.Tensor  # (out, n)
+    down: torch.Tensor  # (n, d)
+    report: SolveReport
+    kept_rank: int | None = None
+    coverage: float | None = None
+
+    def dense(self) -> torch.Tensor:
+        return self.up @ self.down
+
+
 class IllConditionedWarning(UserWarning):
     pass
 

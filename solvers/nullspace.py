@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .linalg import SolveReport, check_finite, solve_spd
+from .linalg import LayerSolution, SolveReport, check_finite, solve_spd
 
 
 @dataclass
@@ -96,18 +96,6 @@ def projector_from_keys(keys: torch.Tensor, **kw) -> NullSpaceProjector:
     return null_space_projector(K.mT @ K / max(1, K.shape[0]), **kw)
 
 
-@dataclass
-class NullSpaceSolution:
-    up: torch.Tensor  # (out, n)
-    down: torch.Tensor  # (n, d)
-    report: SolveReport
-    kept_rank: int
-    coverage: float
-
-    def dense(self) -> torch.Tensor:
-        return self.up @ self.down
-
-
 def nullspace_solve_layer(
     keys: torch.Tensor,
     residuals: torch.Tensor,
@@ -117,7 +105,7 @@ def nullspace_solve_layer(
     lam: float = 1.0,
     dtype: torch.dtype = torch.float64,
     weights: torch.Tensor | None = None,
-) -> NullSpaceSolution:
+) -> LayerSolution:
     """Constrained update for one layer (see module docstring). ``history_gram`` is Kp^T Kp;
     ``weights`` (n,) weight each edit key's fit (|W^(1/2) (D K1^T - R^T)|^2; None: 1)."""
     if keys.ndim != 2 or residuals.ndim != 2 or keys.shape[0] != residuals.shape[0]:
@@ -134,7 +122,7 @@ def nullspace_solve_layer(
     n = K.shape[0]
     if k == 0:  # the preserved keys span everything: no edit is possible without moving them
         zeros_up = torch.zeros(residuals.shape[1], n, dtype=dtype)
-        return NullSpaceSolution(zeros_up, torch.zeros(n, K.shape[1], dtype=dtype), SolveReport(1.0, 0.0), 0, 0.0)
+        return LayerSolution(zeros_up, torch.zeros(n, K.shape[1], dtype=dtype), SolveReport(1.0, 0.0), kept_rank=0, coverage=0.0)
     if weights is not None and (weights.shape != (n,) or (weights < 0).any()):
         raise ValueError(f"weights must be {n} non-negative numbers")
     KU = K @ U  # n x k
@@ -145,7 +133,7 @@ def nullspace_solve_layer(
     M.diagonal().add_(lam)
     X, report = solve_spd(M, KUw.mT)  # k x n = M^{-1} U^T K1^T W
     down = (U @ X).mT  # n x d = W K1 U M^{-1} U^T
-    return NullSpaceSolution(
+    return LayerSolution(
         up=residuals.to(dtype).mT, down=down, report=report, kept_rank=k, coverage=projector.coverage(keys)
     )
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .linalg import SolveReport, check_finite, solve_spd
+from .linalg import LayerSolution, SolveReport, check_finite, solve_spd
 
 
 def _weights(w, n: int, dtype) -> torch.Tensor:
@@ -130,8 +130,8 @@ def uce_solve_layer(
     preserve_scale: float | torch.Tensor = 1.0,
     dtype: torch.dtype = torch.float64,
     system: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, SolveReport]:
-    """General UCE for one layer with arbitrary target values V (n x out): returns (up, down, report).
+) -> LayerSolution:
+    """General UCE for one layer with arbitrary target values V (n x out).
 
     Pass ``system`` (from :func:`uce_system`) to reuse M across layers.
     """
@@ -148,4 +148,4 @@ def uce_solve_layer(
     X, report = solve_spd(M, K.mT)  # d x n
     resid = target_values.to(dtype) - K @ W0.to(dtype).mT  # n x out
     up = resid.mT * se[None, :]
-    return up, X.mT, report
+    return LayerSolution(up=up, down=X.mT, report=report)

@@ -42,7 +42,7 @@ def load_testbed_pipeline(path: str | Path | None = None, dtype=None):
     path = Path(path) if path else model_dir()
     pipe = StableDiffusionPipeline.from_pretrained(
         path, safety_checker=None, requires_safety_checker=False, local_files_only=True,
-        torch_dtype=dtype or torch.float32,
+        dtype=dtype or torch.float32,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

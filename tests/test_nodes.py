@@ -13,6 +13,7 @@ import torch
 from concept_edit.core.delta import ConceptDelta, LayerDelta
 from concept_edit.core.plan import PlanError
 from concept_edit.engines.registry import compute_delta
+from concept_edit.files.formats import kohya_state_dict
 from concept_edit.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from concept_edit.nodes.common import (
     debias_edits,
@@ -27,7 +28,7 @@ from concept_edit.nodes.common import (
     residual_errors,
 )
 from concept_edit.nodes.delta_io_nodes import next_path
-from concept_edit.nodes.patches import lora_state_dict, split_components
+from concept_edit.nodes.patches import split_components
 
 REPO = Path(__file__).resolve().parents[1]
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
@@ -121,7 +122,8 @@ def test_lora_state_dict_matches_saved_file(tmp_path):
         "text_encoder.text_model.encoder.layers.3.mlp.fc2": LayerDelta(torch.randn(4, 1, generator=g), torch.randn(1, 16, generator=g)),
     }
     delta = ConceptDelta(layers, {"family": "sd1", "method": "uce"})
-    sd = lora_state_dict(delta)
+    sd, names, errors = kohya_state_dict(delta)
+    assert names["lora_te_text_model_encoder_layers_3_mlp_fc2"] == "text_encoder.text_model.encoder.layers.3.mlp.fc2" and not errors
     save_lora(delta, tmp_path / "d.safetensors")
     saved = load_file(str(tmp_path / "d.safetensors"))
     assert set(sd) == set(saved)
@@ -131,7 +133,7 @@ def test_lora_state_dict_matches_saved_file(tmp_path):
     assert "lora_te_text_model_encoder_layers_3_mlp_fc2.alpha" in sd
     unet, te = split_components(delta)
     assert list(unet.layers) == [next(iter(layers))] and len(te.layers) == 1
-    sdxl = lora_state_dict(ConceptDelta(layers, {"family": "sdxl"}))
+    sdxl, _, _ = kohya_state_dict(ConceptDelta(layers, {"family": "sdxl"}))
     assert any(k.startswith("lora_te1_") for k in sdxl)
 
 

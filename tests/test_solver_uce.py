@@ -31,7 +31,8 @@ def problem():
 
 def test_gradient_vanishes_at_solution(problem):
     W0, K, V, P = problem
-    up, down, _ = uce_solve_layer(W0, K, V, P, lam=0.5, erase_scale=1.0, preserve_scale=2.0)
+    sol = uce_solve_layer(W0, K, V, P, lam=0.5, erase_scale=1.0, preserve_scale=2.0)
+    up, down = sol.up, sol.down
     W = W0 + up @ down
     g = objective_grad(W, W0, K, V, P, 0.5, 1.0, 2.0)
     assert g.abs().max() < 1e-9
@@ -43,15 +44,16 @@ def test_edit_keys_reach_targets_as_lambda_vanishes(problem):
     W0, K, V, P = problem
     errs = []
     for lam in (1e-1, 1e-3, 1e-6):
-        up, down, _ = uce_solve_layer(W0, K, V, None, lam=lam)
-        errs.append(((W0 + up @ down) @ K.T - V.T).abs().max().item())
+        sol = uce_solve_layer(W0, K, V, None, lam=lam)
+        errs.append(((W0 + sol.dense()) @ K.T - V.T).abs().max().item())
     assert errs[0] > errs[1] > errs[2]
     assert errs[2] < 1e-4
 
 
 def test_preserved_keys_stay_put(problem):
     W0, K, V, P = problem
-    up, down, _ = uce_solve_layer(W0, K, V, P, lam=1e-8)
+    sol = uce_solve_layer(W0, K, V, P, lam=1e-8)
+    up, down = sol.up, sol.down
     W = W0 + up @ down
     assert (W @ P.T - W0 @ P.T).abs().max() < 1e-5
     assert (W @ K.T - V.T).abs().max() < 1e-5
@@ -65,7 +67,8 @@ def test_shared_factorization_equals_per_layer_solve_and_reference(problem):
         W0 = R(11, K.shape[1])
         up, down = sol.layer_factors(W0, dtype=torch.float64)
         shared = W0 + up @ down
-        up2, down2, _ = uce_solve_layer(W0, K, T @ W0.T, P, lam=0.5)
+        sol2 = uce_solve_layer(W0, K, T @ W0.T, P, lam=0.5)
+        up2, down2 = sol2.up, sol2.down
         torch.testing.assert_close(shared, W0 + up2 @ down2, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(shared, reference_uce(W0, K, T @ W0.T, P, 0.5), rtol=1e-8, atol=1e-8)
     assert sol.right.shape == (K.shape[0], K.shape[1])  # rank <= number of edit keys

@@ -87,6 +87,7 @@ def test_classifier_on_fresh_renders():
 
 
 @needs_assets
+@pytest.mark.filterwarnings("error:.*torch_dtype:FutureWarning")  # the pipeline loads with dtype=
 def test_uce_edit_forgets_source_and_keeps_holdout():
     """Real efficacy: replace one object by another on the bundled model, classify generations."""
     from concept_edit.adapters.diffusers_model import DiffusersModel

@@ -37,10 +37,9 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=HERE / "nullspace_threshold")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    from concept_edit.testbed.data import caption_corpus
     from presets import make_method
     from run import Bench
-
-    from concept_edit.testbed.data import caption_corpus
 
     t0 = time.time()
     b = Bench(False)
