@@ -68,16 +68,16 @@ def test_result_is_one_joint_evaluation(tiny):
     pipe, model = tiny("sd1")
     plan = plan_from_dict({"edits": [{"debias": c, "attributes": ["bright", "dark"], "ratios": [0.5, 0.5]}
                                      for c in ("doctor", "nurse")]})
-    # labels per evaluation for (doctor, nurse); n_images=2, so [0, 1] is on target
+
+    def scripted(labels):
+        """labels[evaluation] = (doctor's, nurse's): the concepts are classified in plan order."""
+        calls = iter(range(2 * len(labels)))
+        return lambda images, attributes: labels[(k := next(calls)) // 2][k % 2]
+
+    # n_images=2, so [0, 1] is on target
     script = [([1, 1], [0, 1]), ([0, 0], [1, 1]), ([0, 1], [0, 0])]
     for combined, expect_converged in (([0, 1], True), ([1, 1], False)):
-        calls = []
-
-        def classify(images, attributes):
-            k = len(calls)
-            calls.append(k)
-            return (script + [(combined, [0, 1])])[k // 2][k % 2]
-
+        classify = scripted([*script, (combined, [0, 1])])
         res = fit_debias(pipe, model, plan, classify, n_images=2, steps=1, max_iters=3, progress=False)
         h = res.history
         # doctor was best in iteration 2, nurse in iteration 0: their alphas are evaluated together once more
@@ -96,7 +96,7 @@ def test_classifier_output_is_checked(tiny):
     plan = plan_from_dict({"edits": [{"debias": "doctor", "attributes": ["bright", "dark"]}]})
     for bad in ([0], [0, 2]):
         with pytest.raises(ValueError, match="one index into"):
-            fit_debias(pipe, model, plan, lambda im, at: bad, n_images=2, steps=1, max_iters=1, progress=False)
+            fit_debias(pipe, model, plan, lambda im, at, bad=bad: bad, n_images=2, steps=1, max_iters=1, progress=False)
 
 
 @pytest.mark.skipif(not (model_dir() / "model_index.json").exists() or not CLASSIFIER_PATH.exists(),
@@ -120,7 +120,7 @@ def test_fit_debias_on_the_bundled_model_with_its_classifier(one_thread):
         crowned = head_probs(clf, np.stack([np.asarray(im) for im in images]))["attribute"].argmax(1) == 1
         return [attributes.index("crowned" if c else "bare") for c in crowned]
 
-    kw = dict(n_images=8, steps=3, seed=0)
+    kw = {"n_images": 8, "steps": 3, "seed": 0}
     template = "a photo of a {}"
     professions = ["doctor", "nurse"]
 
