@@ -8,6 +8,8 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import os
+import shutil
 from functools import lru_cache
 from pathlib import Path
 
@@ -70,12 +72,24 @@ def write_clip_tokenizer(out_dir: str | Path, *, pad_token: str = "<|endoftext|>
     return out
 
 
+def default_cache_root() -> Path:
+    """``$CONCEPT_EDIT_CACHE``, else ~/.cache/concept_edit (the covariance cache's root too)."""
+    return Path(os.environ.get("CONCEPT_EDIT_CACHE") or Path.home() / ".cache" / "concept_edit")
+
+
 @lru_cache(maxsize=4)
 def clip_tokenizer_dir(cache_root: str | None = None, pad_token: str = "<|endoftext|>") -> Path:
-    """A cached tokenizer folder under ~/.cache/concept_edit (or ``cache_root``)."""
-    root = Path(cache_root) if cache_root else Path.home() / ".cache" / "concept_edit"
+    """A cached tokenizer folder under :func:`default_cache_root` (or ``cache_root``)."""
+    root = Path(cache_root) if cache_root else default_cache_root()
     name = "clip_tokenizer" if pad_token == "<|endoftext|>" else "clip_tokenizer_pad_bang"
     d = root / name
     if not (d / "merges.txt").exists():
-        write_clip_tokenizer(d, pad_token=pad_token)
+        # build next to it and rename: a concurrent run never sees a half-written folder
+        tmp = write_clip_tokenizer(root / f".{name}.{os.getpid()}.partial", pad_token=pad_token)
+        try:
+            tmp.rename(d)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (d / "merges.txt").exists():
+                raise FileExistsError(f"{d} is an incomplete tokenizer folder; delete it to rebuild") from None
     return d

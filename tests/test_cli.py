@@ -8,6 +8,7 @@ import torch
 from concept_edit.adapters.diffusers_model import ModelLoadError, load_pipeline
 from concept_edit.cli.main import main
 from concept_edit.files.formats import load_delta, read_metadata
+from concept_edit.testbed import CLASSIFIER_PATH, model_dir
 from PIL import Image
 
 
@@ -142,3 +143,41 @@ def test_text_encoder_delta_through_cli(tiny_sd1_dir, tmp_path):
     for name, ld in delta.layers.items():
         torch.testing.assert_close(new.weights([name])[name].detach(), src.weights([name])[name].detach() + ld.dense(),
                                    rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not (model_dir() / "model_index.json").exists() or not CLASSIFIER_PATH.exists(),
+                    reason="testbed weights not present")
+def test_demo_edits_the_bundled_model(tmp_path, one_thread):
+    """The README's first command: edits the bundled model, writes the delta and a before/after grid."""
+    import numpy as np
+    from concept_edit.testbed import demo_plan, get_world, load_classifier
+    from concept_edit.testbed.evaluate import concept_hit, head_probs
+
+    assert main(["demo", "-o", str(tmp_path), "--steps", "6"]) == 0
+    (delta_path,), (grid_path,) = tmp_path.glob("demo-*.safetensors"), tmp_path.glob("demo-*.png")
+    plan = demo_plan()
+    delta = load_delta(delta_path)
+    assert delta.layers and [e["source"] for e in delta.metadata["edits"]] == [e.get("erase") or e.get("replace")
+                                                                              for e in plan["edits"]]
+    # one column per edited and preserved concept, rows before/after; 32 px images shown as 128 px cells
+    concepts = [e.get("erase") or e.get("replace") for e in plan["edits"]] + plan["preserve"]
+    grid = np.asarray(Image.open(grid_path).convert("RGB"))
+    assert grid.shape == (20 + 2 * 128, 150 + 128 * len(concepts), 3)
+
+    def cell(row, concept):
+        j = concepts.index(concept)
+        return grid[20 + 128 * row : 148 + 128 * row : 4, 150 + 128 * j : 278 + 128 * j : 4]
+
+    world, clf = get_world(), load_classifier()
+    objects = {o.name for o in world.objects}
+
+    def shows(img, concept):
+        return bool(concept_hit(head_probs(clf, img[None]), world.object_by_name(concept))[0])
+
+    replace = next(e for e in plan["edits"] if "replace" in e)
+    src, dst, kept = replace["replace"], replace["with"], next(c for c in plan["preserve"] if c in objects)
+    before, after = cell(0, src), cell(1, src)
+    assert shows(before, src) and not shows(after, src) and shows(after, dst)
+    assert np.abs(after.astype(float) - before).mean() > 20
+    assert shows(cell(0, kept), kept) and shows(cell(1, kept), kept)
+    assert np.abs(cell(1, kept).astype(float) - cell(0, kept)).mean() < 5

@@ -6,7 +6,8 @@ with ComfyUI's requirements (and diffusers) installed; default: this interpreter
 The server runs with ``--base-directory`` in a temporary folder whose ``custom_nodes/ConceptEdit``
 links to this repository, so the user's ComfyUI folder is never written to. The checkpoint has
 SD 1.5's shapes with random weights; it is made once (diffusers initialisation, saved through
-ComfyUI's own ``save_checkpoint``) and cached in ``~/.cache/concept_edit/comfyui_test/``.
+ComfyUI's own ``save_checkpoint``) and cached in ``$CONCEPT_EDIT_CACHE/comfyui_test/`` (set
+CONCEPT_EDIT_CACHE to keep it between runs; otherwise conftest.py points it into the session's temporary home).
 
 The example workflows are the UI-format files users drag in; this test converts them to API
 prompts with the server's ``/object_info`` (so the committed files are what is tested), makes

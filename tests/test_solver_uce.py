@@ -36,8 +36,34 @@ def test_gradient_vanishes_at_solution(problem):
     W = W0 + up @ down
     g = objective_grad(W, W0, K, V, P, 0.5, 1.0, 2.0)
     assert g.abs().max() < 1e-9
-    # and a perturbation increases the objective (it is a minimum, not a saddle)
-    assert objective_grad(W + 1e-3 * torch.randn_like(W), W0, K, V, P, 0.5, 1.0, 2.0).abs().max() > 1e-6
+
+
+def objective(W, W0, K, V, P, lam, se=1.0, sp=1.0):
+    """UCE's objective written out term by term (independent of the solver)."""
+    return se * ((W @ K.T - V.T) ** 2).sum() + sp * (((W - W0) @ P.T) ** 2).sum() + lam * ((W - W0) ** 2).sum()
+
+
+def test_solution_is_the_minimum(problem):
+    """The solve is the minimiser: it equals the stacked least-squares solution, and moving away from
+    it in any direction D raises the objective by exactly its curvature t^2 q(D) (no linear term)."""
+    W0, K, V, P = problem
+    lam, se, sp = 0.5, 1.5, 2.0
+    up, down, _ = uce_solve_layer(W0, K, V, P, lam=lam, erase_scale=se, preserve_scale=sp)
+    W = W0 + up @ down
+    # the same problem as one least squares: [sqrt(se) K; sqrt(sp) P; sqrt(lam) I] W^T ~ [.. V; .. P W0^T; .. W0^T]
+    A = torch.cat([se**0.5 * K, sp**0.5 * P, lam**0.5 * torch.eye(K.shape[1], dtype=K.dtype)])
+    B = torch.cat([se**0.5 * V, sp**0.5 * P @ W0.T, lam**0.5 * W0.T])
+    torch.testing.assert_close(W, torch.linalg.lstsq(A, B).solution.T, rtol=1e-9, atol=1e-9)
+    f0 = objective(W, W0, K, V, P, lam, se, sp)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        D = torch.randn(W.shape, generator=gen, dtype=W.dtype)
+        D /= D.norm()
+        q = se * ((D @ K.T) ** 2).sum() + sp * ((D @ P.T) ** 2).sum() + lam * (D**2).sum()
+        for t in (1e-3, -1e-3):
+            rise = objective(W + t * D, W0, K, V, P, lam, se, sp) - f0
+            assert rise > 0
+            torch.testing.assert_close(rise, t * t * q, rtol=1e-5, atol=0)
 
 
 def test_edit_keys_reach_targets_as_lambda_vanishes(problem):

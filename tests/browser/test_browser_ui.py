@@ -2,7 +2,8 @@
 
 Skipped unless COMFYUI_PATH is set and node, /usr/bin/chromium (or $CHROMIUM) and
 tests/browser/node_modules/playwright-core (``npm install`` in this folder) are present.
-Saves the screenshot as tests/browser/edit_node.png.
+Saves the screenshot in the test's temporary folder; CONCEPT_EDIT_SCREENSHOT=PATH also copies it
+there (e.g. tests/browser/edit_node.png, the committed one).
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-SHOT = HERE / "edit_node.png"
 
 _spec = importlib.util.spec_from_file_location("ce_comfyui_e2e", HERE.parent / "test_comfyui_e2e.py")
 e2e = importlib.util.module_from_spec(_spec)
@@ -57,12 +57,13 @@ def test_web_extension_in_chromium(tmp_path_factory):
     srv = e2e.start_server(base)
     try:
         work = tmp_path_factory.mktemp("wf")
+        shot = work / "edit_node.png"
         edit = work / "edit.json"
         attn = work / "attn.json"
         edit.write_text(json.dumps(_cpu_sized_ui("erase_artist_style_save_lora.json")))
         attn.write_text(json.dumps(_cpu_sized_ui("attention_maps_before_after_edit.json")))
         out = subprocess.run(
-            ["node", str(HERE / "check_ui.mjs"), srv.url, str(edit), str(attn), str(SHOT)],
+            ["node", str(HERE / "check_ui.mjs"), srv.url, str(edit), str(attn), str(shot)],
             cwd=str(HERE), capture_output=True, text=True, timeout=1800,
         )
         lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
@@ -73,6 +74,9 @@ def test_web_extension_in_chromium(tmp_path_factory):
         assert res["ok"], json.dumps(res, indent=1) + "\n" + srv.tail()
         summary = res["steps"][-1]["summary"]
         assert "Van Gogh" in summary["concepts"] and summary["layers"].startswith("32")
-        assert SHOT.exists() and SHOT.stat().st_size > 10_000
+        assert shot.exists() and shot.stat().st_size > 10_000
+        print(f"screenshot: {shot}")
+        if os.environ.get("CONCEPT_EDIT_SCREENSHOT"):
+            shutil.copyfile(shot, os.environ["CONCEPT_EDIT_SCREENSHOT"])
     finally:
         srv.stop()
