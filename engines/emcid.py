@@ -30,8 +30,8 @@ from __future__ import annotations
 import time
 
 from ..adapters.text_encoder import fc2_name, resolve_layers
-from ..core.apply import apply_delta
-from ..core.delta import ConceptDelta, fingerprint
+from ..core.apply import apply_delta, base_fingerprint
+from ..core.delta import ConceptDelta
 from ..core.plan import EditPlan
 from ..core.version import __version__
 from ..solvers.emcid import emcid_solve_layer
@@ -67,7 +67,7 @@ def _base_meta(model, plan, method, hyper, layers_delta, t0, extra):
         "edits": [vars(e) for e in plan.edits],
         "preserve": plan.preserve,
         "hyperparameters": hyper,
-        "base_fingerprint": fingerprint(model.weights(names)),
+        **base_fingerprint(model, names),
         "concept_edit_version": __version__,
     }
     meta.update(extra)
@@ -147,5 +147,5 @@ def emcid_uce_delta(model, plan: EditPlan, *, images: dict | None = None, progre
     out = d1.stacked(d2)
     out.metadata.update(method="emcid+uce", family=model.family, edits=d1.metadata["edits"], concept_edit_version=__version__)
     names = list(out.layers)
-    out.metadata["base_fingerprint"] = fingerprint(model.weights(names))
+    out.metadata.update(base_fingerprint(model, names))
     return out

@@ -11,7 +11,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..adapters.base import EditableModel
-from ..core.delta import ConceptDelta, LayerDelta, fingerprint
+from ..core.apply import base_fingerprint
+from ..core.delta import ConceptDelta, LayerDelta
 from ..core.plan import EditPlan
 from ..core.prompts import Prompt, expand
 from ..core.version import __version__
@@ -149,7 +150,7 @@ def uce_delta(
         "n_preserve_keys": 0 if P is None else int(P.shape[0]),
         "condition": sol.report.condition,
         "ridge": sol.report.jitter,
-        "base_fingerprint": fingerprint(layers),
+        **base_fingerprint(model, layers),
         "concept_edit_version": __version__,
         "seconds": {"keys": round(t_keys, 4), "total": round(time.perf_counter() - t0, 4)},
     }
