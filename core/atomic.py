@@ -118,6 +118,33 @@ def clean_leftovers(folder: str | Path) -> list[Path]:
     return done
 
 
+def _umask() -> int:
+    try:  # Linux reports it without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _default_modes(tmp: Path) -> None:
+    """Writers such as safetensors create files 0600; give the output the modes any other tool
+    would (0666 / 0777 less the umask)."""
+    mask = _umask()
+    if tmp.is_dir():
+        for root, dirs, files in os.walk(tmp):
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o777 & ~mask)
+            for f in files:
+                os.chmod(os.path.join(root, f), 0o666 & ~mask)
+        os.chmod(tmp, 0o777 & ~mask)
+    else:
+        os.chmod(tmp, 0o666 & ~mask)
+
+
 def _sibling(path: Path, kind: str) -> Path:
     return path.parent / f".{path.name}.{TAG}-{kind}-{os.getpid()}-{secrets.token_hex(4)}"
 
@@ -151,17 +178,18 @@ def _swap_in(tmp: Path, path: Path) -> None:
 @contextmanager
 def atomic_path(path: str | Path, overwrite: bool = False, *, directory: bool = False):
     """Yield a fresh temporary sibling path (an empty folder with ``directory``, else an empty
-    file) created with the umask's permissions; on success it replaces ``path`` in one step."""
+    file); on success it gets the umask's permissions and replaces ``path`` in one step."""
     path = check_output(path, overwrite, directory=directory)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(path.parent)
     tmp = _sibling(path, "tmp")
     if directory:
-        os.mkdir(tmp, 0o777)  # the umask applies, as for any other tool
+        os.mkdir(tmp, 0o777)
     else:
         os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         yield tmp
+        _default_modes(tmp)
         check_output(path, overwrite, directory=directory)  # still true after the (long) write?
         if directory and path.exists():
             _swap_in(tmp, path)
