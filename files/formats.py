@@ -130,8 +130,8 @@ def load_delta(path: str | Path, *, known_layers=None) -> ConceptDelta:
     path = check_delta_file(path)
     with safe_open(str(path), framework="pt") as f:
         header = f.metadata() or {}
-        names = json.loads(header.get(f"{META_KEY}.layers", "{}"))
-        meta = json.loads(header.get(META_KEY, "{}"))
+        names = _json(path, header, f"{META_KEY}.layers", "{}")
+        meta = _json(path, header, META_KEY, "{}")
         keys = list(f.keys())
         groups: dict[str, dict[str, torch.Tensor]] = {}
         for k in keys:

@@ -169,16 +169,19 @@ def test_overwritten_export_is_always_complete_old_or_new_under_kill9(wide_model
     target = export_diffusers(pipe, model, d, tmp_path / "target")
     env = {**os.environ, "PYTHONPATH": PKG_PARENT, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     rng = random.Random(11)
-    states = []
+    states, current = [], 1.0
     for trial in range(5):
-        scale = 0.5 if trial % 2 == 0 else 1.0
+        scale = 1.5 - current  # always the other export, so "old" and "new" differ
         proc, _ = _run_until_write(_export_cmd(src, delta, target, scale), target, env)
-        time.sleep(rng.uniform(0, window))
+        time.sleep(rng.uniform(0, 2 * window))  # a subprocess writes slower than this warm process
         proc.kill()
         proc.wait()
+        mid_write = bool(leftovers(tmp_path))
         got = tree_hashes(target)
         assert got in (refs[1.0], refs[0.5]), f"trial {trial}: target is neither complete export"
-        states.append("new" if got == refs[scale] else "old")
+        current = scale if got == refs[scale] else current
+        states.append(("new" if current == scale else "old") + (" (killed mid-write)" if mid_write else ""))
+    assert any("mid-write" in s for s in states), states
     # the next write removes what the killed runs left and completes
     export_diffusers(pipe, model, d, target, overwrite=True)
     assert tree_hashes(target) == refs[1.0]
