@@ -113,11 +113,20 @@ def _export_cmd(src, delta, out, scale):
             "--overwrite", "--scale", str(scale)]
 
 
+def _listing(folder: Path):
+    """What a poll sees of a folder: its inode and every file in it (cheap enough to spin on)."""
+    try:
+        return os.stat(folder).st_ino, sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs)
+    except FileNotFoundError:
+        return None
+
+
 def _run_until_write(cmd, out: Path, env) -> tuple[subprocess.Popen, float]:
-    """Start ``cmd`` and return once its temporary output appears (the write has started)."""
+    """Start ``cmd`` and return once a temporary sibling of ``out`` appears (the write has started)."""
+    before = set(os.listdir(out.parent))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
-    while not any(n.startswith(f".{out.name}.{TAG}-tmp-{proc.pid}-") for n in os.listdir(out.parent)):
+    while not any(n.startswith(f".{out.name}.") for n in set(os.listdir(out.parent)) - before):
         if proc.poll() is not None:
             raise AssertionError(f"export ended before writing: {proc.stderr.read().decode()}")
         assert time.monotonic() < deadline
@@ -173,7 +182,12 @@ def test_overwritten_export_is_always_complete_old_or_new_under_kill9(wide_model
     for trial in range(5):
         scale = 1.5 - current  # always the other export, so "old" and "new" differ
         proc, _ = _run_until_write(_export_cmd(src, delta, target, scale), target, env)
-        time.sleep(rng.uniform(0, 2 * window))  # a subprocess writes slower than this warm process
+        if trial < 3:
+            time.sleep(rng.uniform(0, 2 * window))  # a subprocess writes slower than this warm process
+        else:  # the swap itself: kill at the first change of the target a poll can see
+            seen = _listing(target)
+            while _listing(target) == seen and proc.poll() is None:
+                pass
         proc.kill()
         proc.wait()
         mid_write = bool(leftovers(tmp_path))
@@ -263,4 +277,18 @@ def test_export_equals_base_plus_delta_after_overwrite(model_and_delta, tmp_path
         sub = name.partition(".")[2]
         torch.testing.assert_close(new.unet.get_submodule(sub).weight.detach(),
                                    base.unet.get_submodule(sub).weight.detach() + ld.dense(), rtol=1e-5, atol=1e-6)
+    assert leftovers(tmp_path) == []
+
+
+def test_swap_without_rename_exchange(tmp_path, monkeypatch):
+    """The fallback for filesystems without RENAME_EXCHANGE (old folder renamed to a backup, new
+    one renamed in, backup deleted) gives the same result."""
+    from concept_edit.core import atomic
+
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    out = tmp_path / "exp"
+    for text in ("old", "new"):
+        with atomic_path(out, overwrite=True, directory=True) as tmp:
+            (tmp / "model_index.json").write_text(text)
+    assert (out / "model_index.json").read_text() == "new"
     assert leftovers(tmp_path) == []
