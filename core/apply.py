@@ -28,11 +28,14 @@ def check_scale(scale) -> float:
     return float(scale)
 
 
-def encoder_weights(model, exclude=()) -> dict[str, torch.Tensor]:
-    """Every text-encoder weight of ``model`` (live values) except those named in ``exclude``."""
+def encoder_weights(model, exclude=()) -> dict[str, torch.Tensor] | None:
+    """Every text-encoder weight of ``model`` (live values) except those named in ``exclude``;
+    None for a model that lists no weights beyond the protocol's ``weights(names)``."""
     te = getattr(model, "text_encoder_weights", None)
     if te is not None:
         ws = te()
+    elif not hasattr(model, "all_weights"):
+        return None
     else:
         every = model.all_weights()  # may be lazy (single file): index only the text-encoder names
         ws = {k: every[k] for k in every if k.startswith("text_encoder")}
@@ -51,11 +54,11 @@ def base_fingerprint(model, names) -> dict:
     through an edited encoder is refused on an unedited one)."""
     names = list(names)
     ws = model.weights(names)
-    return {
-        "base_fingerprint": fingerprint({n: _pristine(ws[n]) for n in names}),
-        "encoder_fingerprint": fingerprint(encoder_weights(model, names)),
-        "fingerprint_scope": FINGERPRINT_SCOPE,
-    }
+    out = {"base_fingerprint": fingerprint({n: _pristine(ws[n]) for n in names}), "fingerprint_scope": FINGERPRINT_SCOPE}
+    enc = encoder_weights(model, names)
+    if enc:
+        out["encoder_fingerprint"] = fingerprint(enc)
+    return out
 
 
 def check_compatible(delta: ConceptDelta, weights: Mapping[str, torch.Tensor], *, check_fingerprint: bool = True,
@@ -102,8 +105,9 @@ def _check_base(meta: dict, names: list[str], weights, model) -> None:
         raise DeltaMismatchError(f"delta was computed on a model whose edited layers differ from this one's "
                                  f"(fingerprint {expected}); {_FORCE}")
     enc = meta.get("encoder_fingerprint")
-    if scope and enc and model is not None:
-        got = fingerprint(encoder_weights(model, names))
+    theirs = encoder_weights(model, names) if scope and enc and model is not None else None
+    if theirs is not None:
+        got = fingerprint(theirs)
         if not fingerprints_match(enc, got):
             raise DeltaMismatchError(f"delta was computed with a different text encoder (fingerprint {enc}, this "
                                      f"model's is {got}), so its keys do not match this model; {_FORCE}")
