@@ -344,13 +344,13 @@ def test_pickled_bin_inside_a_diffusers_folder_refused(tiny, tmp_path, capsys, f
 @pytest.fixture
 def loras(tmp_path, monkeypatch):
     """ComfyUI's folder registry (``folder_paths``), reduced to the one call the Save node makes."""
+    import types
+
     root = tmp_path / "models" / "loras"
     root.mkdir(parents=True)
-    mod = tmp_path / "stub"
-    mod.mkdir()
-    (mod / "folder_paths.py").write_text(f"def get_folder_paths(kind):\n    return [{str(root)!r}]\n")
-    monkeypatch.syspath_prepend(str(mod))
-    monkeypatch.delitem(sys.modules, "folder_paths", raising=False)
+    registry = types.ModuleType("folder_paths")
+    registry.get_folder_paths = lambda kind: [str(root)]
+    monkeypatch.setitem(sys.modules, "folder_paths", registry)  # removed again after the test
     return root
 
 

@@ -4,6 +4,7 @@ outputs get the umask's permissions."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import subprocess
@@ -22,9 +23,17 @@ from concept_edit.files.formats import save_lora
 PKG_PARENT = str(Path(__import__("concept_edit").__file__).resolve().parent.parent)
 
 
+def _content(p: Path) -> bytes:
+    if p.name == "tokenizer_config.json":  # records how the tokenizer was loaded (local_files_only)
+        cfg = json.loads(p.read_text())
+        cfg.pop("local_files_only", None)
+        return json.dumps(cfg, sort_keys=True).encode()
+    return p.read_bytes()
+
+
 def tree_hashes(folder: Path) -> dict[str, str]:
     """relative path -> sha256 of every file under ``folder`` (hidden temporaries included)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+    return {str(p.relative_to(folder)): hashlib.sha256(_content(p)).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
