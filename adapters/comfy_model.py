@@ -251,6 +251,11 @@ class ComfyEditableModel(EditableModel):
         unet, clip = self._names()
         return self.weights(list(unet) + list(clip))
 
+    def text_encoder_weights(self) -> dict[str, torch.Tensor]:
+        """The CLIP's weights only (a delta's fingerprint covers them; the UNet is not computed)."""
+        _, clip = self._names()
+        return self.weights(list(clip))
+
 
 def _natural(s: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]

@@ -61,6 +61,8 @@ def load_pipeline(
             raise ModelLoadError(f"{path} is not a diffusers folder (no model_index.json)")
         cls = _pipeline_class(json.loads(index.read_text())["_class_name"])
         kw = {"safety_checker": None, "requires_safety_checker": False} if cls.__name__ == "StableDiffusionPipeline" else {}
+        if not allow_pickle:
+            _refuse_pickled_components(path)
         return cls.from_pretrained(path, dtype=dtype, local_files_only=True, **kw)
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES and not allow_pickle:
@@ -82,6 +84,18 @@ def load_pipeline(
         return cls.from_single_file(str(path), config=str(config), local_files_only=True, dtype=dtype, **kw)
     except OSError as e:  # diffusers reports a missing hub file as OSError
         raise ModelLoadError(f"could not load {path.name} with config {config}: {e}") from e
+
+
+def _refuse_pickled_components(folder: Path) -> None:
+    """diffusers falls back to pickled ``.bin`` weights when a component has no safetensors."""
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = [f for f in sub.iterdir() if f.is_file()]
+        pickles = [f for f in files if f.suffix.lower() in PICKLE_SUFFIXES]
+        if pickles and not any(f.suffix.lower() == ".safetensors" for f in files):
+            raise ModelLoadError(
+                f"{sub.name}/{pickles[0].name} in {folder} is a pickled checkpoint, which can execute code when "
+                "loaded; convert it to .safetensors or pass allow_pickle=True (CLI: --allow-pickle) if you trust its source"
+            )
 
 
 class DiffusersModel(EditableModel):

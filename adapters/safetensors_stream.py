@@ -28,17 +28,62 @@ _DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 COPY_CHUNK = 64 << 20
 
 
+MAX_HEADER = 100 << 20
+
+
 def read_safetensors_header(path: str | Path) -> tuple[dict, int]:
-    """(header JSON, byte offset where the data section starts) of a .safetensors file."""
+    """(header JSON, byte offset where the data section starts) of a .safetensors file.
+
+    Every entry is checked before anything is allocated: known dtype, non-negative integer shape,
+    ``data_offsets`` spanning exactly shape x dtype size and lying inside the file. Raises
+    :class:`SafetensorsFormatError` naming the file and the problem."""
+    path = Path(path)
+    name = path.name
+    if path.is_dir():
+        raise SafetensorsFormatError(f"{path} is a folder, not a .safetensors file")
+    size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise SafetensorsFormatError(f"{path} is not a safetensors file")
+            raise SafetensorsFormatError(f"{name} is not a safetensors file ({'empty' if not raw else 'too short'})")
         (n,) = struct.unpack("<Q", raw)
-        if n > 100 << 20:
-            raise SafetensorsFormatError(f"{path}: implausible safetensors header length {n}")
-        header = json.loads(f.read(n))
+        if n > MAX_HEADER or 8 + n > size:
+            raise SafetensorsFormatError(f"{name} is not a safetensors file or is truncated: its header claims "
+                                         f"{n} bytes, the file has {size}")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SafetensorsFormatError(f"{name} is not a safetensors file: its header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise SafetensorsFormatError(f"{name}: safetensors header is not a JSON object")
+    data = size - 8 - n
+    for key, info in header.items():
+        if key == "__metadata__":
+            if info is not None and not (isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
+                raise SafetensorsFormatError(f"{name}: __metadata__ must map strings to strings")
+            continue
+        _check_entry(name, key, info, data)
     return header, 8 + n
+
+
+def _check_entry(name: str, key: str, info, data_size: int) -> None:
+    def bad(why):
+        raise SafetensorsFormatError(f"{name}: tensor {key!r} {why}")
+
+    if not isinstance(info, dict):
+        bad("has no dtype/shape/data_offsets entry")
+    dt, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dt not in _DTYPE_SIZES:
+        bad(f"has unknown dtype {dt!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        bad(f"has an invalid shape {shape!r}")
+    if (not isinstance(offs, list) or len(offs) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs) or not 0 <= offs[0] <= offs[1]):
+        bad(f"has invalid data_offsets {offs!r}")
+    if offs[1] - offs[0] != nbytes(dt, shape):
+        bad(f"claims shape {shape} ({dt}, {nbytes(dt, shape)} bytes) but spans {offs[1] - offs[0]} bytes")
+    if offs[1] > data_size:
+        bad(f"lies past the end of the file (needs {offs[1]} data bytes, the file has {data_size}); truncated?")
 
 
 def nbytes(dtype: str, shape) -> int:

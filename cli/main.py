@@ -124,6 +124,34 @@ def _plan_from_args(args):
     return plan_from_dict(plan_dict_from_args(args))
 
 
+def _preflight(args, *, suffixes: dict, inputs=()):
+    """Refuse bad settings and unwritable outputs before any model is loaded or computed.
+    ``suffixes`` maps an allowed lower-case output suffix to whether that output is a folder."""
+    from ..core.apply import check_scale
+    from ..core.atomic import check_not_inside, check_output
+    from ..core.delta import check_rank
+    from ..files.formats import check_delta_file
+
+    out = Path(args.output)
+    suffix = out.suffix.lower()
+    if suffix not in suffixes:
+        want = " or ".join(f"'{s}'" if s else "no suffix (a folder)" for s in suffixes)
+        raise ValueError(f"output {out}: expected {want}, got {suffix!r}")
+    if getattr(args, "scale", None) is not None:
+        check_scale(args.scale)
+    if getattr(args, "rank", None) is not None:
+        check_rank(args.rank)
+        if args.format == "diff":
+            raise ValueError("--rank applies to LoRA files only; a --format diff file is always exact")
+    for d in getattr(args, "delta", None) or []:
+        check_delta_file(d)
+    for src in [getattr(args, "model", None), getattr(args, "config", None), *inputs]:
+        if src:
+            check_not_inside(out, src)
+    check_output(out, args.overwrite, directory=suffixes[suffix])
+    return out
+
+
 def _save(delta, out, fmt, rank, overwrite):
     from ..files.formats import save_diff, save_lora
 
@@ -136,6 +164,7 @@ def _save(delta, out, fmt, rank, overwrite):
 def cmd_edit(args):
     from ..engines.registry import compute_delta
 
+    _preflight(args, suffixes={".safetensors": False})
     plan = _plan_from_args(args)
     # UCE needs only text encoders and the edited weights; EMCID/null-space run the UNet.
     path, pipe, model = _load(args, lazy=plan.method == "uce")
@@ -165,7 +194,7 @@ def before_after(pipe, model, delta, prompts, *, scale=1.0, seed=0, steps=20, fo
     from ..core.apply import apply_delta
 
     before = generate(pipe, prompts, seed=seed, steps=steps)
-    handle = apply_delta(delta, model.weights(delta.layers), scale=scale, check_fingerprint=not force)
+    handle = apply_delta(delta, model.weights(delta.layers), scale=scale, check_fingerprint=not force, model=model)
     try:
         after = generate(pipe, prompts, seed=seed, steps=steps)
     finally:
@@ -182,12 +211,19 @@ def _write_grid(prompts, before, after, out, overwrite):
         grid.save(tmp, format="PNG")
 
 
-def _load_deltas(paths, model):
-    """One delta, or several stacked into one (their sum)."""
+def _load_deltas(paths, model, *, force=False):
+    """One delta, or several stacked into one (their sum). Each is checked against the model on
+    its own first (unless ``force``), so the error names the file that does not fit."""
+    from ..core.apply import check_compatible
     from ..files.formats import load_delta
 
     known = model.all_weights()
     deltas = [load_delta(p, known_layers=known) for p in paths]
+    for p, d in zip(paths, deltas):
+        try:
+            check_compatible(d, model.weights(d.layers), check_fingerprint=not force, model=model)
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{Path(p).name}: {e.args[0] if e.args else e}") from e
     delta = deltas[0]
     for d in deltas[1:]:
         delta = delta.stacked(d)
@@ -195,8 +231,9 @@ def _load_deltas(paths, model):
 
 
 def cmd_apply(args):
+    _preflight(args, suffixes={".png": False})
     path, pipe, model = _load(args)
-    delta = _load_deltas(args.delta, model)
+    delta = _load_deltas(args.delta, model, force=args.force)
     prompts = _prompts(args, delta)
     before, after = before_after(pipe, model, delta, prompts, scale=args.scale, seed=args.seed, steps=args.steps, force=args.force)
     _write_grid(prompts, before, after, args.output, args.overwrite)
@@ -206,17 +243,17 @@ def cmd_apply(args):
 def cmd_export(args):
     from ..files.export import export_diffusers, export_single_file
 
-    out = Path(args.output)
+    out = _preflight(args, suffixes={".safetensors": False, "": True})
     single_out = out.suffix.lower() == ".safetensors"
     path, pipe, model = _load(args, lazy=single_out)
-    delta = _load_deltas(args.delta, model)
+    delta = _load_deltas(args.delta, model, force=args.force)
     kw = dict(scale=args.scale, check_fingerprint=not args.force, overwrite=args.overwrite)
     if single_out:
         # From a single file: stream it, rewriting only edited tensors. From a folder: convert.
         source = None if Path(path).is_dir() else path
         export_single_file(source, pipe, model, delta, out, **kw)
     else:
-        export_diffusers(pipe, model, delta, out, **kw)
+        export_diffusers(pipe, model, delta, out, source=path, **kw)
     print(f"edited model -> {out}")
 
 
@@ -331,7 +368,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+    except (ValueError, OSError, KeyError) as e:
+        # Bad input (files, settings, paths): one line naming the problem, no traceback. Outputs are
+        # written atomically, so nothing was written.
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"concept-edit: error: {msg}", file=sys.stderr)
         return 2

@@ -16,6 +16,13 @@ import torch
 FINGERPRINT_SAMPLES = 4096
 
 
+def check_rank(rank) -> int:
+    """A rank limit is a positive integer (0 would write an empty LoRA, negatives slice wrongly)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    return rank
+
+
 @dataclass
 class LayerDelta:
     up: torch.Tensor  # (out, r)
@@ -50,6 +57,7 @@ class LayerDelta:
 
     def truncated(self, rank: int) -> tuple["LayerDelta", float]:
         """Best rank-``rank`` approximation (SVD) and its relative Frobenius error."""
+        check_rank(rank)
         if rank >= self.rank:
             return self, 0.0
         # SVD of the product through the thin QRs of each factor: never forms the dense matrix.
@@ -64,20 +72,46 @@ class LayerDelta:
         return LayerDelta(up.float(), down.float()), err
 
 
-def fingerprint(weights: Mapping[str, torch.Tensor]) -> str:
-    """Hash of the named base weights: shapes plus a strided sample rounded to float16.
+# What ``base_fingerprint`` covers, stored as ``fingerprint_scope``. Files without it (before
+# this scope existed) hold fingerprint_v1 of the edited layers only.
+FINGERPRINT_SCOPE = "layers+text_encoders/2"
 
-    Rounding makes an fp16 copy of the same model match its fp32 original.
-    """
+
+def _sample(w: torch.Tensor) -> torch.Tensor:
+    flat = w.detach().reshape(-1)
+    step = max(1, flat.numel() // FINGERPRINT_SAMPLES)
+    return flat[::step][:FINGERPRINT_SAMPLES].to(torch.float32).cpu()
+
+
+def fingerprint(weights: Mapping[str, torch.Tensor]) -> str:
+    """Hash of the named weights: names, shapes and a strided sample, as two 8-hex halves: the
+    sample rounded to bfloat16, and to float16. Round-to-nearest is idempotent, so a bfloat16 copy
+    of a model matches its original on the first half and a float16 copy on the second;
+    :func:`fingerprints_match` accepts either half. Any other change of a sampled value beyond
+    rounding (an edit) changes both."""
+    hb, hh = hashlib.sha256(), hashlib.sha256()
+    for name in sorted(weights):
+        w = weights[name]
+        s = _sample(w)
+        for h, dt in ((hb, torch.bfloat16), (hh, torch.float16)):
+            h.update(name.encode())
+            h.update(str(tuple(w.shape)).encode())
+            h.update(s.to(dt).view(torch.int16).numpy().tobytes())
+    return hb.hexdigest()[:8] + hh.hexdigest()[:8]
+
+
+def fingerprints_match(expected: str, got: str) -> bool:
+    return expected == got or (len(expected) == len(got) == 16 and (expected[:8] == got[:8] or expected[8:] == got[8:]))
+
+
+def fingerprint_v1(weights: Mapping[str, torch.Tensor]) -> str:
+    """The fingerprint files written before ``fingerprint_scope`` carry (float16 rounding only)."""
     h = hashlib.sha256()
     for name in sorted(weights):
-        w = weights[name].detach()
-        flat = w.reshape(-1)
-        step = max(1, flat.numel() // FINGERPRINT_SAMPLES)
-        sample = flat[::step][:FINGERPRINT_SAMPLES].to(torch.float32).to(torch.float16).cpu()
+        w = weights[name]
         h.update(name.encode())
         h.update(str(tuple(w.shape)).encode())
-        h.update(sample.numpy().tobytes())
+        h.update(_sample(w).to(torch.float16).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -107,10 +141,16 @@ class ConceptDelta:
                 layers[name] = LayerDelta(torch.cat([a.up, ld.up], 1), torch.cat([a.down, ld.down], 0)).compact()
             else:
                 layers[name] = ld
-        meta = {"method": "stack", "parts": [self.metadata, other.metadata]}
-        for key in ("base_fingerprint", "family"):
-            if self.metadata.get(key) == other.metadata.get(key):
-                meta[key] = self.metadata.get(key)
+        # Each part keeps its own fingerprint and the layers it covers, so the stack can be checked
+        # part by part (core.apply.check_compatible) even when the parts were made on different
+        # model states; a fingerprint shared by parts over the same layers is kept on the stack.
+        parts = [dict(d.metadata, layer_names=sorted(d.layers)) for d in (self, other)]
+        meta = {"method": "stack", "parts": parts}
+        if self.metadata.get("family") == other.metadata.get("family"):
+            meta["family"] = self.metadata.get("family")
+        base = ("base_fingerprint", "encoder_fingerprint", "fingerprint_scope")
+        if set(self.layers) == set(other.layers) and all(self.metadata.get(k) == other.metadata.get(k) for k in base):
+            meta.update({k: self.metadata[k] for k in base if k in self.metadata})
         return ConceptDelta(layers, meta)
 
     def summary(self) -> dict:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from ..core.delta import fingerprint
+from ..core.apply import base_fingerprint
 from ..core.plan import EditPlan
 from ..core.version import __version__
 
@@ -16,7 +16,7 @@ def delta_metadata(model, plan: EditPlan, method: str, layer_names, t0: float, *
         "edits": [vars(e) for e in plan.edits],
         "preserve": plan.preserve,
         "hyperparameters": {**plan.settings.effective(), "templates": plan.templates, "preserve_empty": plan.preserve_empty},
-        "base_fingerprint": fingerprint(model.weights(list(layer_names))),
+        **base_fingerprint(model, list(layer_names)),
         "concept_edit_version": __version__,
     }
     if plan.dropped_preserve:

@@ -1,7 +1,6 @@
 """Bake a delta into a new model on disk. The source is never written to."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -23,15 +22,25 @@ from ..adapters.safetensors_stream import (
     tensor_bytes,
     write_stream,
 )
-from ..core.apply import apply_delta, check_compatible
-from ..core.atomic import atomic_path
+from ..core.apply import apply_delta, check_compatible, check_scale
+from ..core.atomic import atomic_path, check_not_inside, check_output
 from ..core.delta import ConceptDelta
 
 
+def _model_sources(pipe, model, *extra) -> list[Path]:
+    """Every on-disk input the model was read from (an output must not overlap any of them)."""
+    found = [*extra, getattr(pipe, "name_or_path", None), getattr(model, "path", None), getattr(model, "config_dir", None)]
+    return [Path(s) for s in found if s and Path(s).exists()]
+
+
 def export_diffusers(pipe, model, delta: ConceptDelta, out_dir: str | Path, *, scale: float = 1.0,
-                     check_fingerprint: bool = True, overwrite: bool = False) -> Path:
-    """Save ``pipe`` with ``delta`` applied as a new diffusers folder (safetensors weights)."""
-    handle = apply_delta(delta, model.weights(delta.layers), scale=scale, check_fingerprint=check_fingerprint)
+                     check_fingerprint: bool = True, overwrite: bool = False, source: str | Path | None = None) -> Path:
+    """Save ``pipe`` with ``delta`` applied as a new diffusers folder (safetensors weights).
+    ``out_dir`` may not be, contain or lie inside the folder the pipeline was loaded from."""
+    for src in _model_sources(pipe, model, source):
+        check_not_inside(out_dir, src)
+    check_output(out_dir, overwrite, directory=True)
+    handle = apply_delta(delta, model.weights(delta.layers), scale=scale, check_fingerprint=check_fingerprint, model=model)
     try:
         with atomic_path(out_dir, overwrite, directory=True) as tmp:
             pipe.save_pretrained(str(tmp), safe_serialization=True)
@@ -46,12 +55,6 @@ def _canonical_part(name: str) -> str:
     if comp in TEXT_ENCODERS:
         sub = canonical_text_path(sub)
     return f"{comp}.{sub}.weight"
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    if a.resolve() == b.resolve():
-        return True
-    return a.exists() and b.exists() and os.path.samefile(a, b)
 
 
 def _layout_source(model, pipe):
@@ -88,12 +91,14 @@ def export_single_file(source: str | Path | None, pipe, model, delta: ConceptDel
         from ..adapters.diffusers_model import DiffusersModel
 
         model = DiffusersModel(pipe)
-    weights = model.weights(delta.layers)
-    check_compatible(delta, weights, check_fingerprint=check_fingerprint)
     src = Path(source) if source is not None else None
+    for s in _model_sources(pipe, model, src):
+        check_not_inside(out_path, s)
+    check_output(out_path, overwrite)
+    weights = model.weights(delta.layers)
+    check_compatible(delta, weights, check_fingerprint=check_fingerprint, model=model)
+    check_scale(scale)
     if src is not None and src.is_file():
-        if _same_file(src, out_path):
-            raise ValueError("refusing to export onto the source checkpoint; choose a new output path")
         if dtype is not None:
             raise ValueError("dtype conversion is only supported when exporting from a pipeline")
         return _bake_single_file(src, _layout_source(model, pipe), delta, out_path, scale=scale, overwrite=overwrite)

@@ -25,8 +25,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..adapters.base import canonical_text_path
+from ..adapters.safetensors_stream import read_safetensors_header
 from ..core.atomic import atomic_path
-from ..core.delta import ConceptDelta, LayerDelta
+from ..core.delta import ConceptDelta, LayerDelta, check_rank
 
 META_KEY = "concept_edit"
 
@@ -62,6 +63,8 @@ def kohya_state_dict(delta: ConceptDelta, rank: int | None = None) -> tuple[dict
     ``rank``: None keeps every layer exact; otherwise layers of higher rank are SVD-truncated
     and their relative error recorded. Used for LoRA files and for ComfyUI patches alike.
     """
+    if rank is not None:
+        check_rank(rank)
     family = delta.metadata.get("family")
     tensors: dict[str, torch.Tensor] = {}
     names: dict[str, str] = {}
@@ -105,13 +108,36 @@ def save_diff(delta: ConceptDelta, path: str | Path, *, overwrite: bool = False)
         save_file(tensors, str(tmp), metadata=_header(delta, names, {"kind": "diff"}))
 
 
+def check_delta_file(path: str | Path) -> Path:
+    """Refuse, with a message naming the file, anything that is not a well-formed ``.safetensors``
+    delta file (missing, a folder, another suffix, empty, truncated, random bytes, a header that
+    claims more data than the file holds): checked before any tensor is read."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"delta file {path} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; a delta is a .safetensors file")
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"{path.name}: delta files are .safetensors")
+    read_safetensors_header(path)
+    return path
+
+
+def _json(path: Path, meta: dict, key: str, default: str):
+    try:
+        return json.loads(meta.get(key, default))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path.name}: metadata {key!r} is not valid JSON ({e})") from None
+
+
 def read_metadata(path: str | Path) -> dict:
     """The delta metadata stored in a file's header (empty for foreign LoRAs)."""
+    path = check_delta_file(path)
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-    out = json.loads(meta.get(META_KEY, "{}"))
+    out = _json(path, meta, META_KEY, "{}")
     if f"{META_KEY}.format" in meta:
-        out["file_format"] = json.loads(meta[f"{META_KEY}.format"])
+        out["file_format"] = _json(path, meta, f"{META_KEY}.format", "{}")
     return out
 
 
@@ -119,15 +145,11 @@ def load_delta(path: str | Path, *, known_layers=None) -> ConceptDelta:
     """Load a LoRA or diff file written by :func:`save_lora`/:func:`save_diff`, or a LoRA made
     elsewhere (see :func:`resolve_foreign`), whose layer names are resolved against
     ``known_layers``: the model's canonical layer names."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"delta file {path} does not exist")
-    if path.suffix.lower() != ".safetensors":
-        raise ValueError(f"{path.name}: delta files are .safetensors")
+    path = check_delta_file(path)
     with safe_open(str(path), framework="pt") as f:
         header = f.metadata() or {}
-        names = json.loads(header.get(f"{META_KEY}.layers", "{}"))
-        meta = json.loads(header.get(META_KEY, "{}"))
+        names = _json(path, header, f"{META_KEY}.layers", "{}")
+        meta = _json(path, header, META_KEY, "{}")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if names:
         groups = _kohya_groups(tensors)

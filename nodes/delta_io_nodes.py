@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -19,9 +18,10 @@ def next_path(directory: Path, prefix: str, ext: str = ".safetensors") -> Path:
     """``<directory>/<prefix>_00001_.safetensors`` with the next free counter (prefix may have
     subfolders; it may not leave ``directory``)."""
     prefix = prefix.strip().replace("\\", "/") or "concept_edit"
-    target = (directory / prefix).resolve()
-    if os.path.commonpath([str(target), str(directory.resolve())]) != str(directory.resolve()):
-        raise ValueError(f"filename_prefix {prefix!r} leaves the loras folder")
+    root = directory.resolve()
+    target = (root / prefix).resolve()  # symlinks, '..' and absolute prefixes resolved before checking
+    if root not in target.parents:  # the file is written beside target: target must lie strictly inside
+        raise ValueError(f"filename_prefix {prefix!r} leaves the loras folder {directory}")
     target.parent.mkdir(parents=True, exist_ok=True)
     pat = re.compile(re.escape(target.name) + r"_(\d{5})_" + re.escape(ext) + "$")
     used = [int(m.group(1)) for f in target.parent.iterdir() if (m := pat.match(f.name))]
@@ -51,8 +51,13 @@ class SaveConceptDelta:
         }
 
     def save(self, delta, filename_prefix="concept_edit/edit", rank=0, format="lora"):
+        from ..core.delta import check_rank
         from ..files.formats import save_diff, save_lora
 
+        if rank:  # 0 = exact (the widget's default); anything else must be a valid rank
+            check_rank(rank)
+            if format == "diff":
+                raise ValueError("rank applies to LoRA files only; a diff file is always exact (set rank to 0)")
         root = _loras_dir()
         path = next_path(root, filename_prefix)
         if format == "diff":
@@ -60,7 +65,7 @@ class SaveConceptDelta:
             info = {"kind": "diff", "max_rel_error": 0.0}
         else:
             info = save_lora(delta, path, rank=rank or None)
-        rel = path.relative_to(root).as_posix()
+        rel = path.relative_to(root.resolve()).as_posix()
         summary = edit_summary(delta, extra={"saved": rel, "format": format, "rank_limit": rank or None,
                                              "max_rel_error": info.get("max_rel_error", 0.0)})
         return {"ui": {"concept_edit": [summary], "concept_edit_saved": [rel]}, "result": ()}

@@ -48,7 +48,8 @@ def test_solution_is_the_minimum(problem):
     it in any direction D raises the objective by exactly its curvature t^2 q(D) (no linear term)."""
     W0, K, V, P = problem
     lam, se, sp = 0.5, 1.5, 2.0
-    up, down, _ = uce_solve_layer(W0, K, V, P, lam=lam, erase_scale=se, preserve_scale=sp)
+    sol = uce_solve_layer(W0, K, V, P, lam=lam, erase_scale=se, preserve_scale=sp)
+    up, down = sol.up, sol.down
     W = W0 + up @ down
     # the same problem as one least squares: [sqrt(se) K; sqrt(sp) P; sqrt(lam) I] W^T ~ [.. V; .. P W0^T; .. W0^T]
     A = torch.cat([se**0.5 * K, sp**0.5 * P, lam**0.5 * torch.eye(K.shape[1], dtype=K.dtype)])
