@@ -164,7 +164,11 @@ def load_delta(path: str | Path, *, known_layers=None) -> ConceptDelta:
             dense = parts["diff"].float()
             layers[canonical] = LayerDelta(dense, torch.eye(dense.shape[1])).compact()
         else:
+            if "lora_up.weight" not in parts or "lora_down.weight" not in parts:
+                raise ValueError(f"{path.name}: layer {base} lacks its lora_up/lora_down pair")
             up, down = parts["lora_up.weight"].float(), parts["lora_down.weight"].float()
+            if down.shape[0] == 0:
+                raise ValueError(f"{path.name}: layer {base} has rank 0 (an empty LoRA layer)")
             scale = float(parts["alpha"]) / down.shape[0] if "alpha" in parts else 1.0
             layers[canonical] = LayerDelta(up * scale, down)
     return ConceptDelta(layers, meta)
