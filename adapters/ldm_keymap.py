@@ -309,7 +309,7 @@ def layout_entries(components: Mapping[str, Iterable[str]], configs: Mapping[str
     return out
 
 
-def _is_pipeline(obj) -> bool:
+def is_pipeline(obj) -> bool:
     return hasattr(obj, "unet") and hasattr(obj, "text_encoder")
 
 
@@ -390,9 +390,9 @@ def meta_component(comp: str, config: dict, class_name: str | None = None) -> to
         return cls(cfg)
 
 
-def _configs_and_modules(pipe_or_configs, components=COMPONENTS):
+def configs_and_modules(pipe_or_configs, components=COMPONENTS):
     """(configs, {comp: module}) from a pipeline, a diffusers folder or a configs dict."""
-    if _is_pipeline(pipe_or_configs):
+    if is_pipeline(pipe_or_configs):
         pipe = pipe_or_configs
         mods = {c: getattr(pipe, c) for c in components if getattr(pipe, c, None) is not None}
         return pipeline_configs(pipe), mods
@@ -403,7 +403,7 @@ def _configs_and_modules(pipe_or_configs, components=COMPONENTS):
 
 
 def entries_for(pipe_or_configs, components=COMPONENTS, family: str | None = None) -> list[Entry]:
-    cfgs, mods = _configs_and_modules(pipe_or_configs, components)
+    cfgs, mods = configs_and_modules(pipe_or_configs, components)
     return layout_entries({c: component_keys(c, m) for c, m in mods.items()}, cfgs, family)
 
 

@@ -15,14 +15,14 @@ class SafetensorsFormatError(ValueError):
     """A file that is not a well-formed safetensors file (bad header, truncated data)."""
 
 
-_DTYPE_NAMES = {
+DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }
 for _n, _s in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
     if hasattr(torch, _n):
-        _DTYPE_NAMES[getattr(torch, _n)] = _s
+        DTYPE_NAMES[getattr(torch, _n)] = _s
 _DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 COPY_CHUNK = 64 << 20
@@ -122,7 +122,7 @@ def write_stream(path: str | Path, specs: list[tuple[str, str, list[int]]], emit
 def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], *,
                       metadata: Mapping[str, str] | None = None) -> None:
     """Like ``safetensors.torch.save_file`` but never concatenates the tensors in memory."""
-    specs = [(k, _DTYPE_NAMES[t.dtype], list(t.shape)) for k, t in tensors.items()]
+    specs = [(k, DTYPE_NAMES[t.dtype], list(t.shape)) for k, t in tensors.items()]
     write_stream(path, specs, lambda k, f: f.write(tensor_bytes(tensors[k])), metadata=metadata)
 
 
@@ -139,7 +139,7 @@ def copy_range(src, dst, start: int, n: int) -> None:
         n -= got
 
 
-_TORCH_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
+_TORCH_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 
 
 class SafetensorsReader:

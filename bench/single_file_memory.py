@@ -91,17 +91,17 @@ def write_random_single_file(config: Path, path: Path, dtype: str = "float16", s
     from concept_edit.adapters.base import canonical_text_path
     from concept_edit.adapters.ldm_keymap import (
         TEXT_ENCODERS,
-        _configs_and_modules,
+        configs_and_modules,
         entries_for,
     )
     from concept_edit.adapters.safetensors_stream import (
-        _DTYPE_NAMES,
+        DTYPE_NAMES,
         tensor_bytes,
         write_stream,
     )
 
     dt = getattr(torch, dtype)
-    cfgs, mods = _configs_and_modules(config)
+    cfgs, mods = configs_and_modules(config)
     canon = {}
     for comp, m in mods.items():
         for k, v in m.state_dict().items():
@@ -109,7 +109,7 @@ def write_random_single_file(config: Path, path: Path, dtype: str = "float16", s
     entries = entries_for(config)
     shapes = {e.key: tuple(e.combine([canon[p] for p in e.parts]).shape) for e in entries}
     g = torch.Generator().manual_seed(seed)
-    specs = [(k, _DTYPE_NAMES[dt], list(s)) for k, s in shapes.items()]
+    specs = [(k, DTYPE_NAMES[dt], list(s)) for k, s in shapes.items()]
 
     def emit(key, f):
         shape = shapes[key]

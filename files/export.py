@@ -10,8 +10,8 @@ from ..adapters.ldm_convert import save_single_file
 from ..adapters.ldm_keymap import (
     TEXT_ENCODERS,
     Entry,
-    _is_pipeline,
     entries_for,
+    is_pipeline,
     pipeline_configs,
     single_file_family,
 )
@@ -119,7 +119,7 @@ def _bake_single_file(source: Path, layout_source, delta: ConceptDelta, out_path
                       overwrite: bool) -> Path:
     header, data_start = read_safetensors_header(source)
     meta = dict(header.pop("__metadata__", None) or {})
-    family = single_file_family(pipeline_configs(layout_source) if _is_pipeline(layout_source) else layout_source, header)
+    family = single_file_family(pipeline_configs(layout_source) if is_pipeline(layout_source) else layout_source, header)
     comps = sorted({n.partition(".")[0] for n in delta.layers})
     bad = [c for c in comps if c not in ("unet",) + TEXT_ENCODERS]
     if bad:
