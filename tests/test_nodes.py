@@ -73,6 +73,7 @@ def test_node_definitions():
 
 def test_parsing_widgets():
     assert parse_list("Van Gogh, Monet\n# comment\n\nPicasso  # trailing") == ["Van Gogh", "Monet", "Picasso"]
+    assert parse_list("C# programmer, \"Smith, John\"\nF#") == ["C# programmer", "Smith, John", "F#"]
     assert parse_pairs("cat -> dog\nred car = blue car, 16:9 -> square") == [("cat", "dog"), ("red car", "blue car"), ("16:9", "square")]
     with pytest.raises(PlanError):
         parse_pairs("cat")
