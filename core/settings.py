@@ -13,6 +13,7 @@ Edit-file spelling: ``lambda`` is the field ``lam``; everything else is the fiel
 from __future__ import annotations
 
 import difflib
+import math
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 
@@ -69,6 +70,8 @@ class MethodSettings:
             v = getattr(self, f.name)
             if not _type_ok(v, hints[f.name]):
                 raise SettingsError(f"{self.METHOD} setting {spelling(f.name)!r} must be {_type_name(hints[f.name])}, got {v!r}")
+            if isinstance(v, float) and not math.isfinite(v):
+                raise SettingsError(f"{self.METHOD} setting {spelling(f.name)!r} must be finite, got {v!r}")
             if isinstance(v, int) and not isinstance(v, bool) and hints[f.name] is float:
                 setattr(self, f.name, float(v))
             ch, lo = f.metadata.get("choices"), f.metadata.get("min")
@@ -131,9 +134,9 @@ class StageISettings(MethodSettings):
     text_weight: float = _f(0.01, "weight of the text-alignment loss (distill, images)", min=0.0)
     clamp: float = _f(1.5, "offset norm cap, relative to the original state's norm", min=0.0)
     weight_decay: float = _f(5e-4, "MEMIT/EMCID weight decay on the offset", min=0.0)
-    images_per_concept: int = _f(2, "destination images generated per concept (distill)", min=1)
-    gen_steps: int = _f(20, "sampler steps for those images (distill)", min=1)
-    guidance: float = _f(7.5, "classifier-free guidance for those images (distill)", min=0.0)
+    images_per_concept: int = _f(2, "destination images generated per concept (distill, refine)", min=1)
+    gen_steps: int = _f(20, "sampler steps for those images (distill, refine)", min=1)
+    guidance: float = _f(7.5, "classifier-free guidance for those images (distill, refine)", min=0.0)
     batch_concepts: int = _f(8, "concepts optimised together", min=1)
     seed: int = _f(0, "seed for stage I noise and images")
     targets_cache_dir: str | None = _f(None, "cache folder for stage I targets (None: no cache)")
