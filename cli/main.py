@@ -55,7 +55,7 @@ def _set_values(items) -> dict:
 
 
 def _edits_from_flags(args) -> list[dict]:
-    from ..core.plan import PlanError
+    from ..core.plan import PlanError, split_quoted
 
     edits = [{"erase": c} for c in args.erase or []]
     edits += [{"erase": c, "type": "style"} for c in args.erase_style or []]
@@ -66,10 +66,10 @@ def _edits_from_flags(args) -> list[dict]:
         edits.append({"replace": s, "with": d})
     edits += [{"moderate": c} for c in args.moderate or []]
     for d in args.debias or []:
-        parts = d.split(":")
+        parts = split_quoted(d, ":")
         if len(parts) not in (2, 3):
-            raise PlanError(f"--debias takes CONCEPT:attr1,attr2[:alpha1,alpha2], got {d!r}")
-        e = {"debias": parts[0], "attributes": [a.strip() for a in parts[1].split(",")]}
+            raise PlanError(f"--debias takes CONCEPT:attr1,attr2[:alpha1,alpha2] (quote a name containing ':' or ','), got {d!r}")
+        e = {"debias": parts[0], "attributes": split_quoted(parts[1])}
         if len(parts) > 2:
             try:
                 e["alphas"] = [float(x) for x in parts[2].split(",")]
@@ -313,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--guide", help="override the erase guide concept")
     e.add_argument("--replace", action="append", help="SOURCE=DESTINATION")
     e.add_argument("--moderate", action="append", help="concept to move towards the unconditional output")
-    e.add_argument("--debias", action="append", help="CONCEPT:attr1,attr2[:alpha1,alpha2]")
+    e.add_argument("--debias", action="append",
+                   help='CONCEPT:attr1,attr2[:alpha1,alpha2]; quote a name containing ":" or "," (\'"16:9 photo":a,b\')')
     e.add_argument("--preserve", action="append", help="concept to keep unchanged (repeatable; with --plan: replaces its list)")
     e.add_argument("--method", help="uce (default), emcid, nullspace or emcid+uce")
     e.add_argument("--lambda", dest="lam", type=float, help="the method's lambda (UCE default 0.5, nullspace 1.0)")

@@ -57,6 +57,15 @@ class PlanError(SettingsError):
     pass
 
 
+def split_quoted(text: str, sep: str = ",") -> list[str]:
+    """Names separated by ``sep``; a name containing ``sep`` is double-quoted ("Smith, John").
+    The one quoting rule for CLI flags and node widgets; blank items are dropped."""
+    import csv
+
+    rows = list(csv.reader([text], delimiter=sep, skipinitialspace=True)) if text.strip() else [[]]
+    return [x.strip() for x in rows[0] if x.strip()]
+
+
 def _unknown(key, valid, where: str) -> PlanError:
     near = difflib.get_close_matches(str(key), list(valid), n=1)
     hint = f" (did you mean {near[0]!r}?)" if near else ""

@@ -10,7 +10,7 @@ import re
 import torch
 
 from ..core.delta import ConceptDelta
-from ..core.plan import Edit, EditPlan, PlanError
+from ..core.plan import Edit, EditPlan, PlanError, split_quoted
 from ..core.settings import build_settings
 
 CATEGORY = "ConceptEdit"
@@ -22,14 +22,10 @@ def parse_list(text: str) -> list[str]:
     """Concepts from a widget: one per line, or comma-separated. A name containing a comma is
     quoted ("Smith, John"); a '#' starts a comment only at the start of a line or after a space,
     so "C# programmer" stays whole; blanks are dropped."""
-    import csv
-
     items = []
     for line in (text or "").splitlines():
-        line = re.split(r"(?:^|\s)#", line, maxsplit=1)[0]
-        for row in csv.reader([line], skipinitialspace=True):
-            items += [p.strip() for p in row]
-    return [i for i in items if i]
+        items += split_quoted(re.split(r"(?:^|\s)#", line, maxsplit=1)[0])
+    return items
 
 
 def parse_floats(text: str) -> list[float]:

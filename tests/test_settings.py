@@ -301,3 +301,13 @@ def test_settings_doc_is_in_sync():
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "settings.md"
     assert doc.read_text() == markdown(), "regenerate: python -m concept_edit.core.settings > docs/settings.md"
+
+
+def test_cli_quoting_keeps_names_whole():
+    from concept_edit.cli.main import build_parser, plan_dict_from_args
+
+    args = build_parser().parse_args(["edit", "--debias", '"16:9 photo":"Smith, John",b:0.1,0.2', "--replace", "C# coder=x",
+                                      "-o", "x.safetensors"])
+    d = plan_dict_from_args(args)
+    assert d["edits"][0] == {"replace": "C# coder", "with": "x"}
+    assert d["edits"][1] == {"debias": "16:9 photo", "attributes": ["Smith, John", "b"], "alphas": [0.1, 0.2]}
