@@ -66,10 +66,10 @@ def _edits_from_flags(args) -> list[dict]:
         edits.append({"replace": s, "with": d})
     edits += [{"moderate": c} for c in args.moderate or []]
     for d in args.debias or []:
-        parts = split_quoted(d, ":")
+        parts = split_quoted(d, ":", unquote=False)
         if len(parts) not in (2, 3):
             raise PlanError(f"--debias takes CONCEPT:attr1,attr2[:alpha1,alpha2] (quote a name containing ':' or ','), got {d!r}")
-        e = {"debias": parts[0], "attributes": split_quoted(parts[1])}
+        e = {"debias": split_quoted(parts[0])[0], "attributes": split_quoted(parts[1])}
         if len(parts) > 2:
             try:
                 e["alphas"] = [float(x) for x in parts[2].split(",")]

@@ -57,13 +57,24 @@ class PlanError(SettingsError):
     pass
 
 
-def split_quoted(text: str, sep: str = ",") -> list[str]:
+def split_quoted(text: str, sep: str = ",", *, unquote: bool = True) -> list[str]:
     """Names separated by ``sep``; a name containing ``sep`` is double-quoted ("Smith, John").
-    The one quoting rule for CLI flags and node widgets; blank items are dropped."""
-    import csv
-
-    rows = list(csv.reader([text], delimiter=sep, skipinitialspace=True)) if text.strip() else [[]]
-    return [x.strip() for x in rows[0] if x.strip()]
+    The one quoting rule for CLI flags and node widgets; blank items are dropped. ``unquote=False``
+    keeps the quotes, for splitting the parts again at another separator."""
+    parts, cur, quoted = [], "", False
+    for ch in text:
+        if ch == '"':
+            quoted = not quoted
+        if ch == sep and not quoted:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    parts = [x.strip() for x in parts]
+    if unquote:
+        parts = [x[1:-1].strip() if len(x) >= 2 and x[0] == x[-1] == '"' else x for x in parts]
+    return [x for x in parts if x]
 
 
 def _unknown(key, valid, where: str) -> PlanError:
