@@ -119,8 +119,8 @@ class Edit:
             raise PlanError(f"{self.kind} edit has an empty concept")
         self.source = self.source.strip()
         self.target = _str(self.target, f"{self.kind} {self.source!r}: the guide/destination").strip()
-        if self.weight is not None and _num(self.weight, "weight") < 0:
-            raise PlanError(f"{self.kind} {self.source!r}: weight must be >= 0")
+        if self.weight is not None and _num(self.weight, "weight") <= 0:
+            raise PlanError(f"{self.kind} {self.source!r}: weight must be > 0 (0 would leave the concept unchanged)")
         if self.kind == "debias":
             if len(self.attributes) < 2:
                 raise PlanError(f"debias {self.source!r} needs at least two attributes")

@@ -79,6 +79,8 @@ class MethodSettings:
                 raise SettingsError(f"{self.METHOD} setting {spelling(f.name)!r} must be one of {', '.join(map(str, ch))}, got {v!r}")
             if lo is not None and v is not None and v < lo:
                 raise SettingsError(f"{self.METHOD} setting {spelling(f.name)!r} must be >= {lo}, got {v!r}")
+        if getattr(self, "erase_scale", 1.0) == 0:
+            raise SettingsError(f"{self.METHOD}: erase_scale 0 gives the edits no weight, so nothing would change")
         self.given: frozenset = frozenset()
 
     def check(self, given: frozenset) -> None:

@@ -52,6 +52,9 @@ def render_heatmaps(store: AttentionStore, tokenizer, prompt: str, words: list[s
         raise ValueError("need images or a size")
     idx = word_token_indices(tokenizer, prompt, words)
     missing = [w for w, v in idx.items() if not v]
+    if missing:  # a dark map would look like "not attended"; say what is wrong instead
+        raise ValueError(f"not in the prompt: {', '.join(repr(w) for w in missing)}; the prompt's words are: "
+                         f"{' '.join(t['text'] for t in prompt_tokens(tokenizer, prompt))}")
     maps = store.maps(branch, [idx[w] for w in words], size).numpy()  # (B, K, H, W)
     imgs = None
     if images is not None and overlay:

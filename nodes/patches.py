@@ -12,6 +12,8 @@ ComfyUI uses, and checkpoint saving, LoRA stacking and ``strength`` behave as fo
 """
 from __future__ import annotations
 
+import math
+
 from ..core.delta import ConceptDelta, LayerDelta
 from ..files.formats import kohya_state_dict
 
@@ -41,6 +43,21 @@ def comfy_patches(lora_sd: dict, key_map: dict) -> tuple[dict, list[str]]:
     return patches, unloaded
 
 
+def check_shapes(delta: ConceptDelta, names: dict[str, str], key_map: dict, state_dict: dict) -> None:
+    """Refuse a delta whose layers have other shapes than the weights ComfyUI would patch (an SD 1.x
+    delta on an SD 2.x model has the same names; ComfyUI would only log shape errors at sampling)."""
+    for base, canonical in names.items():
+        target = key_map.get(base)
+        key = target[0] if isinstance(target, tuple) else target
+        w = state_dict.get(key)
+        shape = delta.layers[canonical].shape
+        if w is not None and tuple(w.shape) != tuple(shape):
+            raise UnloadedKeysError(
+                f"the delta does not fit this model: {canonical} is {tuple(shape)} in the delta, {tuple(w.shape)} here; "
+                f"it was made for a {delta.metadata.get('family', 'different')} model"
+            )
+
+
 def apply_to_comfy(delta: ConceptDelta, model=None, clip=None, *, strength_model: float = 1.0, strength_clip: float = 1.0):
     """Return ``(model_clone, clip_clone, info)`` with ``delta`` added as LoRA patches.
 
@@ -49,19 +66,24 @@ def apply_to_comfy(delta: ConceptDelta, model=None, clip=None, *, strength_model
     """
     import comfy.lora
 
+    for s in (strength_model, strength_clip):
+        if not math.isfinite(float(s)):
+            raise ValueError(f"strength must be a finite number, got {s}")
     unet_part, te_part = split_components(delta)
     info = {"unet_layers": 0, "text_encoder_layers": 0}
     new_model, new_clip = model, clip
     if unet_part.layers:
         if model is None:
             raise UnloadedKeysError("the delta edits UNet layers but no MODEL is connected")
-        sd = kohya_state_dict(unet_part)[0]
-        patches, unloaded = comfy_patches(sd, comfy.lora.model_lora_keys_unet(model.model, {}))
+        sd, names, _ = kohya_state_dict(unet_part)
+        key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+        patches, unloaded = comfy_patches(sd, key_map)
         if unloaded:
             raise UnloadedKeysError(
                 f"{len(unloaded)} LoRA keys match no layer of this model, e.g. {unloaded[0]}; "
                 f"the delta was made for a {delta.metadata.get('family', 'different')} model"
             )
+        check_shapes(unet_part, names, key_map, model.model.state_dict())
         new_model = model.clone()
         loaded = new_model.add_patches(patches, strength_model)
         if len(loaded) != len(patches):
@@ -70,10 +92,12 @@ def apply_to_comfy(delta: ConceptDelta, model=None, clip=None, *, strength_model
     if te_part.layers:
         if clip is None:
             raise UnloadedKeysError("the delta edits text-encoder layers but no CLIP is connected")
-        sd = kohya_state_dict(te_part)[0]
-        patches, unloaded = comfy_patches(sd, comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}))
+        sd, names, _ = kohya_state_dict(te_part)
+        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
+        patches, unloaded = comfy_patches(sd, key_map)
         if unloaded:
             raise UnloadedKeysError(f"{len(unloaded)} text-encoder LoRA keys match no layer of this CLIP, e.g. {unloaded[0]}")
+        check_shapes(te_part, names, key_map, clip.cond_stage_model.state_dict())
         new_clip = clip.clone()
         loaded = new_clip.add_patches(patches, strength_clip)
         info["text_encoder_layers"] = len(loaded)

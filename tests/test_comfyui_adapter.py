@@ -4,7 +4,8 @@ random checkpoint.
 
 Checks: the text states equal ComfyUI's own encoding; canonical layer names; an edit node never
 mutates its inputs and its clone's effective weights are exactly W0 + delta; ``base`` patched vs
-original with a LoRA on the MODEL; a delta applied through ComfyUI's LoraLoader equals the node's.
+original with a LoRA on the MODEL; a delta applied through ComfyUI's LoraLoader equals the node's;
+a delta of another family's shapes and a non-finite strength are refused.
 """
 from __future__ import annotations
 
@@ -122,6 +123,24 @@ for node_name in ("ConceptEditEMCIDErase", "ConceptEditNullspaceTEErase"):
     assert s4["components"] == {"text_encoder": len(d4.layers)}, s4
     e_new = c4.encode_from_tokens(c4.tokenize(text))[0].float()
     assert (e_new - ref).abs().max() > 1e-3, node_name  # the concept's states moved
+
+# 7. bad inputs are refused with a message, never patched in (ComfyUI would only log errors at sampling)
+patches_mod = import_module(pkg + ".nodes.patches")
+delta_mod = import_module(pkg + ".core.delta")
+k_name = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+sd2_like = delta_mod.ConceptDelta({k_name: delta_mod.LayerDelta(torch.zeros(320, 1), torch.zeros(1, 1024))}, {"family": "sd2"})
+try:
+    patches_mod.apply_to_comfy(sd2_like, model, clip)
+    raise SystemExit("an SD 2.x-shaped delta was patched into an SD 1.x model")
+except patches_mod.UnloadedKeysError as e:
+    assert "does not fit this model" in str(e) and "sd2" in str(e), e
+for bad in (float("nan"), float("inf")):
+    try:
+        ce.NODE_CLASS_MAPPINGS["ConceptEditUCEErase"]().edit(model, clip, concepts="Van Gogh", concept_type="style",
+                                                             guide="", strength=bad)
+        raise SystemExit(f"strength {bad} was accepted")
+    except ValueError as e:
+        assert "finite" in str(e), e
 print("ADAPTER OK")
 '''
 

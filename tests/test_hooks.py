@@ -116,3 +116,14 @@ def test_heatmap_rendering():
     over = heatmap_images(maps, np.zeros((2, 8, 8, 3), np.float32), alpha=0.5)
     assert np.allclose(over, 0.5 * rgb)
     assert to_pil(rgb[0]).size == (8, 8)
+
+
+def test_heatmap_of_a_word_not_in_the_prompt_is_an_error(tiny):
+    """A word missing from the prompt would render as a dark (unattended-looking) map: refuse it."""
+    from concept_edit.nodes.attention_nodes import render_heatmaps
+
+    tok = tiny("sd1")[0].tokenizer
+    s = AttentionStore()
+    s.add("positive", torch.softmax(torch.randn(1, 16, 77), -1), (4, 4), layer="a", step=1)
+    with pytest.raises(ValueError, match="not in the prompt: 'dog'.*a painting of a cat"):
+        render_heatmaps(s, tok, "a painting of a cat", ["cat", "dog"], None, "positive", False, 0.5, size=(32, 32))

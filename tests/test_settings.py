@@ -174,6 +174,8 @@ def test_nullspace_reports_measured_preserve_drift(tiny, tmp_path):
     ({"edits": EDITS, "preserve_empty": "false"}, "preserve_empty must be true or false"),
     ({"edits": EDITS, "lambda": "0.5"}, "must be float"),
     ({"edits": EDITS, "lambda": -1}, ">= 0"),
+    ({"edits": EDITS, "lambda": 0, "erase_scale": 0, "preserve_scale": 0}, "nothing would change"),
+    ({"edits": [{"erase": "x", "weight": 0}]}, "weight must be > 0"),
     ({"edits": EDITS, "lambda": float("inf")}, "must be finite"),
     ({"edits": EDITS, "lambda": 1, "options": {"lambda": 2}}, "both at the top level and under options"),
     ({"edits": [{"erase": "x", "type": "style", "guide": "art"}]}, "type or guide, not both"),
