@@ -21,7 +21,7 @@ _spec = importlib.util.spec_from_file_location("ce_comfyui_e2e_helpers", HERE / 
 e2e = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(e2e)
 
-pytestmark = pytest.mark.skipif(e2e.comfy_path() is None, reason="COMFYUI_PATH (a ComfyUI checkout) is not set")
+pytestmark = pytest.mark.skipif(e2e.comfy_path() is None, reason="no ComfyUI: set COMFYUI_PATH and COMFYUI_PYTHON (../shared/comfyui/install.sh DEST prints both; .ci/run does it all)")
 
 SCRIPT = r'''
 import importlib, os, sys, tempfile, torch

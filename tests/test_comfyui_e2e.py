@@ -6,8 +6,8 @@ with ComfyUI's requirements (and diffusers) installed; default: this interpreter
 The server runs with ``--base-directory`` in a temporary folder whose ``custom_nodes/ConceptEdit``
 links to this repository, so the user's ComfyUI folder is never written to. The checkpoint has
 SD 1.5's shapes with random weights; it is made once (diffusers initialisation, saved through
-ComfyUI's own ``save_checkpoint``) and cached in ``$CONCEPT_EDIT_CACHE/comfyui_test/`` (set
-CONCEPT_EDIT_CACHE to keep it between runs; otherwise conftest.py points it into the session's temporary home).
+ComfyUI's own ``save_checkpoint``) and cached in ``$COMFYUI_TEST_CACHE`` (set it to keep the file
+between runs, as .ci/run does; otherwise it lives in the session's temporary home).
 
 The example workflows are the UI-format files users drag in; this test converts them to API
 prompts with the server's ``/object_info`` (so the committed files are what is tested), makes
@@ -28,7 +28,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "example_workflows"
-CACHE = Path(os.environ.get("CONCEPT_EDIT_CACHE", Path.home() / ".cache" / "concept_edit")) / "comfyui_test"
+# the random-weight test checkpoint (1.7 GB); COMFYUI_TEST_CACHE keeps it between runs (.ci/run sets it)
+CACHE = Path(os.environ.get("COMFYUI_TEST_CACHE") or Path(os.environ.get("CONCEPT_EDIT_CACHE", Path.home() / ".cache" / "concept_edit")) / "comfyui_test")
 CKPT_NAME = "concept_edit_sd15_random.safetensors"
 CKPT_VERSION = "1"
 
@@ -231,7 +232,7 @@ if "pytest" in sys.modules:  # the module is also run as a script (python test_c
     import numpy as np
     import pytest
 
-    pytestmark = pytest.mark.skipif(comfy_path() is None, reason="COMFYUI_PATH (a ComfyUI checkout) is not set")
+    pytestmark = pytest.mark.skipif(comfy_path() is None, reason="no ComfyUI: set COMFYUI_PATH and COMFYUI_PYTHON (../shared/comfyui/install.sh DEST prints both; .ci/run does it all)")
 
     @pytest.fixture(scope="module")
     def server(tmp_path_factory):

@@ -31,7 +31,8 @@ missing = [
         ("playwright-core (npm install in tests/browser)", (HERE / "node_modules" / "playwright-core").exists()),
     ) if not ok
 ]
-pytestmark = pytest.mark.skipif(bool(missing), reason=f"missing: {', '.join(missing)}")
+pytestmark = pytest.mark.skipif(bool(missing), reason=f"missing: {', '.join(missing)} (.ci/run installs them where "
+                                                         "../shared/comfyui exists)")
 
 
 def _cpu_sized_ui(name: str) -> dict:
