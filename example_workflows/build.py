@@ -79,9 +79,9 @@ class Graph:
         }
 
 
-# UCE Erase widgets: concepts, concept_type, guide, preserve, strength | templates, lambda_, erase_scale,
-# preserve_scale, token, layers, base
-ERASE = ["Van Gogh", "style", "", "Claude Monet, Pablo Picasso", 1.0, "{}\na painting by {}", 0.5, 1.0, 1.0, "last", "kv", "patched"]
+# UCE Erase widgets: concepts, concept_type, guide, preserve, lambda_, strength | erase_scale,
+# preserve_scale, token, templates, layers, base
+ERASE = ["Van Gogh", "style", "", "Claude Monet, Pablo Picasso", 0.5, 1.0, 1.0, 1.0, "last", "{}\na painting by {}", "kv", "patched"]
 PROMPT = "a painting by Van Gogh of a cat in a field"
 NEG = "blurry, low quality"
 
@@ -156,7 +156,7 @@ def attention_before_after():
 def debias():
     g = Graph()
     ck = g.add("CheckpointLoaderSimple", [CKPT], (0, 0), (320, 100))
-    db = g.add("ConceptEditUCEDebias", ["doctor", "male, female", "0.5, 0.5", "", "", 1.0, "{}\na photo of a {}", 0.5, 1.0, 1.0, "last", "kv", "patched"],
+    db = g.add("ConceptEditUCEDebias", ["doctor", "male, female", "0.5, 0.5", "", "", 0.5, 1.0, 1.0, 1.0, "last", "{}\na photo of a {}", "kv", "patched"],
                (360, 0), (380, 720))
     g.link(ck, 0, db, "model")
     g.link(ck, 1, db, "clip")

@@ -112,17 +112,28 @@ class _EditNode:
 
     @classmethod
     def INPUT_TYPES(cls):
+        # Widget order is what saved UI-format workflows store values by (positionally): it keeps
+        # the order of earlier releases — kind inputs, preserve, lambda, strength | scales, token,
+        # templates, layers, base — with the inputs a method does not use left out.
         site = METHODS[cls.METHOD][4]
+        settings = setting_widgets(cls.METHOD)
         req = {"model": ("MODEL",), "clip": ("CLIP",)}
         req.update(cls.kind_inputs())
         req["preserve"] = ("STRING", {"multiline": True, "default": "",
                                       "tooltip": "Concepts to keep unchanged, one per line or comma-separated "
                                                  "(quote a name that contains a comma)"})
+        if "lambda_" in settings:
+            req["lambda_"] = settings.pop("lambda_")
         req["strength"] = ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
                                      "tooltip": "Patch strength, as on a LoRA loader"})
-        opt = {"templates": ("STRING", {"multiline": True, "default": "{}",
-                                        "tooltip": "Prompt templates, one per line, each with one {}"})}
-        opt.update(setting_widgets(cls.METHOD))
+        templates = ("STRING", {"multiline": True, "default": "{}",
+                                "tooltip": "Prompt templates, one per line, each with one {}"})
+        opt = {}
+        for name, spec in settings.items():
+            if name == "layers":
+                opt["templates"] = templates
+            opt[name] = spec
+        opt.setdefault("templates", templates)
         if site == "unet":  # text-encoder edits always see the CLIP's own patches
             opt["base"] = (["patched", "original"], {"default": "patched",
                                                      "tooltip": "Compute against the weights with earlier patches "
