@@ -348,7 +348,7 @@ def word_token_indices(tokenizer, prompt: str, words: list[str]) -> dict[str, li
 
 
 def prompt_tokens(tokenizer, prompt: str) -> list[dict]:
-    """The prompt's tokens for display: [{"index", "id", "text", "word_start"}], BOS/EOS excluded."""
+    """The prompt's tokens for display: [{"index", "id", "text", "word_end"}], BOS/EOS excluded."""
     ids = tokenizer(prompt, add_special_tokens=False).input_ids
     toks = tokenizer.convert_ids_to_tokens(ids)
     out = []

@@ -5,6 +5,7 @@
 //   word toggles it in the node's "words" field.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+import { summaryRows, wordsFromTokens } from "./concept_edit_format.js";
 
 const EXT = "ConceptEdit.ui";
 const SUMMARY_CLASS = "concept-edit-summary";
@@ -18,34 +19,6 @@ function el(tag, attrs = {}, text) {
   }
   if (text !== undefined) e.textContent = text;
   return e;
-}
-
-function fmt(x, digits = 4) {
-  if (x === null || x === undefined) return "–";
-  if (typeof x === "number") return Number.isInteger(x) ? String(x) : x.toPrecision(digits);
-  return String(x);
-}
-
-// Pure formatting of an edit summary into [label, value] rows (exported for tests).
-export function summaryRows(s) {
-  const rows = [];
-  if (s.method) rows.push(["method", `${s.method}${s.family ? " · " + s.family : ""}`]);
-  if (s.concepts && s.concepts.length) rows.push(["concepts", s.concepts.join("; ")]);
-  if (s.preserve && s.preserve.length) rows.push(["preserve", s.preserve.join(", ")]);
-  if (s.layers !== undefined) {
-    const comps = s.components ? Object.entries(s.components).map(([k, v]) => `${k} ${v}`).join(", ") : "";
-    rows.push(["layers", `${s.layers}${comps ? " (" + comps + ")" : ""}`]);
-  }
-  if (s.max_rank !== undefined) rows.push(["rank", fmt(s.max_rank)]);
-  if (s.residual_error) rows.push(["residual error", `mean ${fmt(s.residual_error.mean, 3)}, max ${fmt(s.residual_error.max, 3)}`]);
-  if (s.strength !== undefined) rows.push(["strength", fmt(s.strength)]);
-  if (s.strength_model !== undefined) rows.push(["strength", `model ${fmt(s.strength_model)}, clip ${fmt(s.strength_clip)}`]);
-  if (s.base) rows.push(["computed on", s.base === "patched" ? "patched weights" : "original weights"]);
-  if (s.saved) rows.push(["saved", s.saved + (s.max_rel_error ? ` (rank err ${fmt(s.max_rel_error, 3)})` : "")]);
-  if (s.file) rows.push(["file", s.file]);
-  if (s.seconds !== undefined && s.seconds !== null) rows.push(["time", `${fmt(s.seconds, 3)} s`]);
-  if (s.base_fingerprint) rows.push(["base", s.base_fingerprint]);
-  return rows;
 }
 
 function panelWidget(node, name, cls) {
@@ -103,17 +76,6 @@ function toggleWord(node, word) {
   w.value = cur.join(", ");
   w.callback?.(w.value);
   node.setDirtyCanvas?.(true, true);
-}
-
-function wordsFromTokens(tokens) {
-  const words = [];
-  let cur = "";
-  for (const t of tokens) {
-    cur += t.text;
-    if (t.word_end) { words.push(cur); cur = ""; }
-  }
-  if (cur) words.push(cur);
-  return words;
 }
 
 function renderPicker(node, words) {
