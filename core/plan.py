@@ -30,7 +30,7 @@ import difflib
 import json
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .settings import (
@@ -181,13 +181,6 @@ class EditPlan:
             warnings.warn(f"preserve: {', '.join(dropped)} {'is' if len(dropped) == 1 else 'are'} edited by this plan, "
                           "so not preserved", stacklevel=2)
         self.preserve, self.dropped_preserve = kept, dropped
-
-    def to_dict(self) -> dict:
-        """The plan in edit-file form, with the settings that are in effect."""
-        d = {k: v for k, v in asdict(self).items() if k not in ("settings", "dropped_preserve")}
-        d["edits"] = [vars(e) for e in self.edits]
-        d["settings"] = self.settings.effective()
-        return d
 
 
 def _edit_from_dict(d) -> Edit:

@@ -318,13 +318,6 @@ def all_setting_keys() -> set[str]:
     return {spelling(f.name) for cls in SETTINGS.values() for f in fields(cls)}
 
 
-def defaults(method: str) -> dict:
-    out = {}
-    for f in fields(settings_class(method)):
-        out[spelling(f.name)] = f.default if f.default is not MISSING else f.default_factory()
-    return out
-
-
 def markdown() -> str:
     """docs/settings.md: every method's settings with defaults and help (kept in sync by a test)."""
     lines = ["# Settings", "",
