@@ -313,3 +313,39 @@ def test_cli_quoting_keeps_names_whole():
     d = plan_dict_from_args(args)
     assert d["edits"][0] == {"replace": "C# coder", "with": "x"}
     assert d["edits"][1] == {"debias": "16:9 photo", "attributes": ["Smith, John", "b"], "alphas": [0.1, 0.2]}
+
+
+def test_emcid_distill_settings_change_the_targets(tiny, tmp_path):
+    """The image-generating stage I settings (distill): each changes the delta."""
+    _, model = tiny("sd1")
+    base = _te_base(tmp_path) | {"targets": "distill", "steps": 2, "gen_steps": 2, "images_per_concept": 1,
+                                 "cov_weight": 100.0, "edits": [{"replace": "cat", "with": "dog"}]}
+    ref = _delta(model, "emcid", **dict(base))
+    for k, v in {"seed": 1, "images_per_concept": 2, "gen_steps": 3, "guidance": 2.0, "text_weight": 5.0}.items():
+        assert _diff(ref, _delta(model, "emcid", **(dict(base) | {k: v}))) > 1e-4, k
+
+
+@pytest.mark.parametrize("changed", [{"cov_positions": "tokens"}, {"corpus": CORPUS[:3]}, {"c0_exclude_edited": False}],
+                         ids=["cov_positions", "corpus", "c0_exclude_edited"])
+def test_nullspace_corpus_settings_change_the_delta(tiny, tmp_path, changed):
+    _, model = tiny("sd1")
+    base = _te_base(tmp_path) | {"threshold": 0.05}
+    assert _diff(_delta(model, "nullspace", **base), _delta(model, "nullspace", **(base | changed))) > 1e-4
+
+
+def test_emcid_uce_settings_change_the_delta(tiny, tmp_path):
+    _, model = tiny("sd1")
+    base = _te_base(tmp_path) | {"cov_weight": 100.0}
+    ref = _delta(model, "emcid+uce", **base)
+    for k, v in {"lambda": 5.0, "uce_layers": "v", "alpha": 0.9}.items():
+        assert _diff(ref, _delta(model, "emcid+uce", **(base | {k: v}))) > 1e-4, k
+
+
+def test_nullspace_unet_guided_refinement_changes_the_targets(tiny, tmp_path):
+    _, model = tiny("sd1")
+    base = {"site": "cross_attention", "corpus": CORPUS, "cov_cache_dir": str(tmp_path / "c0"), "threshold": 0.05,
+            "edits": [{"replace": "cat", "with": "dog"}]}
+    plain = _delta(model, "nullspace", **dict(base))
+    refined = _delta(model, "nullspace", **(dict(base) | {"targets": "refine", "steps": 3, "gen_steps": 2,
+                                                         "images_per_concept": 1}))
+    assert refined.metadata["stage_i"]["steps_run"] == 3 and _diff(plain, refined) > 1e-4
