@@ -182,6 +182,10 @@ class EditPlan:
                           "so not preserved", stacklevel=2)
         self.preserve, self.dropped_preserve = kept, dropped
 
+    def edit_weights(self) -> list[float]:
+        """Each edit's weight in the solve: its own ``weight``, else the settings' ``erase_scale``."""
+        return [e.weight if e.weight is not None else self.settings.erase_scale for e in self.edits]
+
 
 def _edit_from_dict(d) -> Edit:
     if not isinstance(d, dict):

@@ -13,12 +13,6 @@ from ..core.prompts import Prompt, expand
 from ..solvers.emcid import spread_residual
 
 
-def edit_weights(plan: EditPlan) -> torch.Tensor:
-    """Per-edit weight of its keys in the solve: the edit's ``weight``, else the settings' ``erase_scale``."""
-    s = plan.settings.erase_scale
-    return torch.tensor([e.weight if e.weight is not None else s for e in plan.edits], dtype=torch.float64)
-
-
 def preserve_prompts(plan: EditPlan) -> list[Prompt]:
     """The preserve set as prompts: each concept in every template, plus "" (its BOS key) if kept."""
     out = [p for c in plan.preserve for p in expand(c, plan.templates)]
@@ -59,7 +53,7 @@ def spread_edit(
     kept = tokenize_prompts(model, preserve) if preserve else []
     owner = torch.arange(n).repeat_interleave(T)
     first = torch.arange(n) * T  # row of each concept's first template
-    w_edit = edit_weights(plan)
+    w_edit = torch.tensor(plan.edit_weights(), dtype=torch.float64)
     out: dict[str, LayerDelta] = {}
     report: dict = {}
     handles = []

@@ -82,7 +82,7 @@ def edit_keys_and_targets(model: EditableModel, plan: EditPlan, alphas: dict[str
     else:
         K, T, owners = _targets_aligned(enc, plan, alphas)
         owners = [o // n for o in owners]
-    w = torch.tensor([plan.edits[o].weight if plan.edits[o].weight is not None else plan.settings.erase_scale for o in owners], dtype=torch.float64)
+    w = torch.tensor(plan.edit_weights(), dtype=torch.float64)[owners]
     return enc, K, T, w
 
 

@@ -58,6 +58,23 @@ def check_shapes(delta: ConceptDelta, names: dict[str, str], key_map: dict, stat
             )
 
 
+def _patched(part: ConceptDelta, owner, module, key_map_of, strength: float, what: str):
+    """(clone of ``owner`` (a MODEL or CLIP) with ``part`` added as LoRA patches, number patched):
+    the same key mapping, refusals and checks for either component."""
+    sd, names, _ = kohya_state_dict(part)
+    key_map = key_map_of(module, {})
+    patches, unloaded = comfy_patches(sd, key_map)
+    if unloaded:
+        raise UnloadedKeysError(f"{len(unloaded)} {what} LoRA keys match no layer of this model, e.g. {unloaded[0]}; "
+                                f"the delta was made for a {part.metadata.get('family', 'different')} model")
+    check_shapes(part, names, key_map, module.state_dict())
+    clone = owner.clone()
+    loaded = clone.add_patches(patches, strength)
+    if len(loaded) != len(patches):
+        raise UnloadedKeysError(f"ComfyUI accepted {len(loaded)} of {len(patches)} {what} patches")
+    return clone, len(loaded)
+
+
 def apply_to_comfy(delta: ConceptDelta, model=None, clip=None, *, strength_model: float = 1.0, strength_clip: float = 1.0):
     """Return ``(model_clone, clip_clone, info)`` with ``delta`` added as LoRA patches.
 
@@ -75,32 +92,13 @@ def apply_to_comfy(delta: ConceptDelta, model=None, clip=None, *, strength_model
     if unet_part.layers:
         if model is None:
             raise UnloadedKeysError("the delta edits UNet layers but no MODEL is connected")
-        sd, names, _ = kohya_state_dict(unet_part)
-        key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-        patches, unloaded = comfy_patches(sd, key_map)
-        if unloaded:
-            raise UnloadedKeysError(
-                f"{len(unloaded)} LoRA keys match no layer of this model, e.g. {unloaded[0]}; "
-                f"the delta was made for a {delta.metadata.get('family', 'different')} model"
-            )
-        check_shapes(unet_part, names, key_map, model.model.state_dict())
-        new_model = model.clone()
-        loaded = new_model.add_patches(patches, strength_model)
-        if len(loaded) != len(patches):
-            raise UnloadedKeysError(f"ComfyUI accepted {len(loaded)} of {len(patches)} UNet patches")
-        info["unet_layers"] = len(loaded)
+        new_model, info["unet_layers"] = _patched(unet_part, model, model.model, comfy.lora.model_lora_keys_unet,
+                                                  strength_model, "UNet")
     if te_part.layers:
         if clip is None:
             raise UnloadedKeysError("the delta edits text-encoder layers but no CLIP is connected")
-        sd, names, _ = kohya_state_dict(te_part)
-        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
-        patches, unloaded = comfy_patches(sd, key_map)
-        if unloaded:
-            raise UnloadedKeysError(f"{len(unloaded)} text-encoder LoRA keys match no layer of this CLIP, e.g. {unloaded[0]}")
-        check_shapes(te_part, names, key_map, clip.cond_stage_model.state_dict())
-        new_clip = clip.clone()
-        loaded = new_clip.add_patches(patches, strength_clip)
-        info["text_encoder_layers"] = len(loaded)
+        new_clip, info["text_encoder_layers"] = _patched(te_part, clip, clip.cond_stage_model,
+                                                         comfy.lora.model_lora_keys_clip, strength_clip, "text-encoder")
     return new_model, new_clip, info
 
 
