@@ -1,9 +1,11 @@
 """ConceptEdit: closed-form concept editing for diffusers pipelines and ComfyUI graphs.
 
 This folder is both the ``concept_edit`` Python package and a ComfyUI custom-node pack.
-Importing it never imports ComfyUI; the node classes import ``comfy`` lazily when run.
-All imports inside the package are relative, because ComfyUI imports the folder under
-its directory name rather than ``concept_edit``.
+Importing it never imports ComfyUI: ComfyUI calls ``comfy_entrypoint`` (its V3 extension API),
+which imports the node classes (``nodes/comfy_v3.py``). There is deliberately no
+``NODE_CLASS_MAPPINGS``: ComfyUI checks it first and would then ignore the entrypoint.
+All imports inside the package are relative, because ComfyUI imports the folder under its
+directory name rather than ``concept_edit``.
 """
 WEB_DIRECTORY = "./web"
 
@@ -12,6 +14,11 @@ WEB_DIRECTORY = "./web"
 # identifier (a clone into "concept-edit/"): then there is no package to import relatively from.
 if __package__:
     from .core.version import __version__
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-__all__ = ["__version__", "NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+    async def comfy_entrypoint():
+        """The pack's ComfyUI extension (V3 node schema)."""
+        from .nodes.comfy_v3 import comfy_entrypoint as entrypoint
+
+        return await entrypoint()
+
+__all__ = ["__version__", "comfy_entrypoint", "WEB_DIRECTORY"]

@@ -3,7 +3,7 @@
     python -m concept_edit.example_workflows.build     # or: python example_workflows/build.py
 
 Each workflow is described as a small graph below; widget values are listed in the order of
-each node's widget inputs (ComfyUI's ``INPUT_TYPES`` order; KSampler's seed is followed by its
+each node's widget inputs (the node's input order in ComfyUI's ``/object_info``; KSampler's seed is followed by its
 "control after generate" value). The end-to-end test converts these UI files to API prompts
 with the running server's ``/object_info``, so the files themselves are what gets tested.
 """

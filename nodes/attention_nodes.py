@@ -1,4 +1,4 @@
-"""Attention-map nodes: capture cross-attention while sampling, then render heatmaps for words."""
+"""What the attention-map nodes do: capture cross-attention while sampling, then render heatmaps for\nwords. Their V3 node classes are in ``comfy_v3.py``."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,25 +11,13 @@ from ..hooks.attention_maps import (
     word_token_indices,
 )
 from ..hooks.heatmap import heatmap_images
-from .common import CAPTURE_TYPE, CATEGORY, parse_list
+from .common import parse_list
 
 
-class AttentionCapture:
-    """Returns a clone of MODEL whose cross-attention is recorded while it samples (positive and
-    negative prompts kept apart). Feed the MODEL to a sampler and the capture to Attention Heatmaps."""
-
-    RETURN_TYPES = ("MODEL", CAPTURE_TYPE)
-    RETURN_NAMES = ("model", "attention")
-    FUNCTION = "capture"
-    CATEGORY = CATEGORY
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",)}}
-
-    def capture(self, model):
-        m, cap = install_comfy_capture(model, AttentionStore())
-        return (m, cap)
+def capture(model):
+    """Attention Capture: a clone of MODEL whose cross-attention is recorded while it samples
+    (positive and negative prompts kept apart), and the capture to render from."""
+    return install_comfy_capture(model, AttentionStore())
 
 
 def _tokenizer(clip):
@@ -66,42 +54,14 @@ def render_heatmaps(store: AttentionStore, tokenizer, prompt: str, words: list[s
     return torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)), info
 
 
-class AttentionHeatmaps:
-    """Heatmap IMAGEs of how much each chosen word of the prompt was attended to, aggregated over
-    layers and steps, upsampled to the image (optionally overlaid on it): one image per word."""
-
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("heatmaps",)
-    FUNCTION = "render"
-    CATEGORY = CATEGORY
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "attention": (CAPTURE_TYPE,),
-                "images": ("IMAGE",),
-                "clip": ("CLIP",),
-                "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "The positive (or negative) prompt that was sampled"}),
-                "words": ("STRING", {"default": "", "tooltip": "Words of the prompt to map, comma-separated (pick them on the node)"}),
-            },
-            "optional": {
-                "branch": (["positive", "negative"], {"default": "positive"}),
-                "overlay": ("BOOLEAN", {"default": True}),
-                "alpha": ("FLOAT", {"default": 0.6, "min": 0.0, "max": 1.0, "step": 0.05}),
-            },
-        }
-
-    @classmethod
-    def IS_CHANGED(cls, **kw):
-        return float("nan")  # the capture fills up while the sampler runs: always re-render
-
-    def render(self, attention, images, clip, prompt, words, branch="positive", overlay=True, alpha=0.6):
-        tok = _tokenizer(clip)
-        chosen = parse_list(words)
-        if not chosen:
-            raise ValueError("choose at least one word of the prompt (the 'words' field)")
-        store = attention.store if hasattr(attention, "store") else attention
-        out, info = render_heatmaps(store, tok, prompt, chosen, images, branch, overlay, alpha)
-        info["tokens"] = prompt_tokens(tok, prompt)
-        return {"ui": {"concept_edit_attention": [info]}, "result": (out,)}
+def heatmaps_node(attention, images, clip, prompt: str, words: str, branch: str = "positive",
+                  overlay: bool = True, alpha: float = 0.6):
+    """Attention Heatmaps: ``(IMAGE, ui)``, one heatmap per image and chosen word."""
+    tok = _tokenizer(clip)
+    chosen = parse_list(words)
+    if not chosen:
+        raise ValueError("choose at least one word of the prompt (the 'words' field)")
+    store = attention.store if hasattr(attention, "store") else attention
+    out, info = render_heatmaps(store, tok, prompt, chosen, images, branch, overlay, alpha)
+    info["tokens"] = prompt_tokens(tok, prompt)
+    return out, {"concept_edit_attention": [info]}

@@ -63,11 +63,11 @@ def replace_edits(replacements: str) -> list[Edit]:
     return [Edit("replace", s, d) for s, d in pairs]
 
 
-def moderate_edits(concepts: str, strength: float) -> list[Edit]:
+def moderate_edits(concepts: str, moderation: float) -> list[Edit]:
     names = parse_list(concepts)
     if not names:
         raise PlanError("name at least one concept to moderate")
-    return [Edit("moderate", c, strength=float(strength)) for c in names]
+    return [Edit("moderate", c, strength=float(moderation)) for c in names]
 
 
 def debias_edits(concepts: str, attributes: str, ratios: str, alphas: str) -> list[Edit]:

@@ -1,5 +1,7 @@
-"""Edit nodes: one per (method, kind). Each takes MODEL + CLIP, never mutates them, and returns
-patched clones (ComfyUI LoRA-style weight patches via ``add_patches``) plus the CONCEPT_DELTA.
+"""What the edit nodes do, without ComfyUI's node API: one node per (method, kind), its inputs
+(generated from the method's typed settings) and its run. Each takes MODEL + CLIP, never mutates
+them, and returns patched clones (ComfyUI LoRA-style weight patches via ``add_patches``) plus the
+CONCEPT_DELTA. The V3 node classes that ComfyUI sees are built from this in ``comfy_v3.py``.
 
 Edits are computed against the *effective* weights: the MODEL's and CLIP's existing patches
 (LoRAs, earlier edits) included, unless ``base`` is set to "original" (see
@@ -12,8 +14,6 @@ import dataclasses
 from ..core.settings import SettingsError, build_settings, settings_class, spelling
 from ..engines import compute_delta
 from .common import (
-    CATEGORY,
-    DELTA_TYPE,
     debias_edits,
     edit_summary,
     erase_edits,
@@ -98,58 +98,76 @@ def node_settings(method_key: str, widgets: dict) -> dict:
     return values
 
 
-class _EditNode:
-    METHOD = "uce"
-    KIND = "erase"
-    RETURN_TYPES = ("MODEL", "CLIP", DELTA_TYPE)
-    RETURN_NAMES = ("model", "clip", "delta")
-    FUNCTION = "edit"
-    CATEGORY = CATEGORY
+# The inputs of each edit kind, before the shared ones (host-neutral widget specs).
+KIND_INPUTS = {
+    "erase": {
+        "concepts": ("STRING", {"multiline": True, "default": "Van Gogh",
+                                "tooltip": "Concepts to erase, one per line or comma-separated"}),
+        "concept_type": (["style", "object"], {"default": "style"}),
+        "guide": ("STRING", {"default": "", "tooltip": "Map erased concepts onto this (empty: 'art' for styles, '' for objects)"}),
+    },
+    "replace": {
+        "replacements": ("STRING", {"multiline": True, "default": "cat -> dog",
+                                    "tooltip": "'source -> destination', one per line"}),
+    },
+    "moderate": {
+        "concepts": ("STRING", {"multiline": True, "default": "nudity"}),
+        "moderation": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                                 "tooltip": "How far towards the unconditional key (1 = all the way)"}),
+    },
+    "debias": {
+        "concepts": ("STRING", {"multiline": True, "default": "doctor"}),
+        "attributes": ("STRING", {"default": "male, female"}),
+        "ratios": ("STRING", {"default": "0.5, 0.5", "tooltip": "Desired proportions (sum to 1)"}),
+        "alphas": ("STRING", {"default": "", "tooltip": "Attribute coefficients; empty = start from the ratios"}),
+    },
+}
+BUILD_EDITS = {"erase": erase_edits, "replace": replace_edits, "moderate": moderate_edits, "debias": debias_edits}
 
-    @classmethod
-    def kind_inputs(cls) -> dict:
-        raise NotImplementedError
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        # Widget order is what saved UI-format workflows store values by (positionally): it keeps
-        # the order of earlier releases — kind inputs, preserve, lambda, strength | scales, token,
-        # templates, layers, base — with the inputs a method does not use left out.
-        site = METHODS[cls.METHOD][4]
-        settings = setting_widgets(cls.METHOD)
-        req = {"model": ("MODEL",), "clip": ("CLIP",)}
-        req.update(cls.kind_inputs())
-        req["preserve"] = ("STRING", {"multiline": True, "default": "",
-                                      "tooltip": "Concepts to keep unchanged, one per line or comma-separated "
-                                                 "(quote a name that contains a comma)"})
-        if "lambda_" in settings:
-            req["lambda_"] = settings.pop("lambda_")
-        req["strength"] = ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
-                                     "tooltip": "Patch strength, as on a LoRA loader"})
-        templates = ("STRING", {"multiline": True, "default": "{}",
-                                "tooltip": "Prompt templates, one per line, each with one {}"})
-        opt = {}
-        for name, spec in settings.items():
-            if name == "layers":
-                opt["templates"] = templates
-            opt[name] = spec
-        opt.setdefault("templates", templates)
-        if site == "unet":  # text-encoder edits always see the CLIP's own patches
-            opt["base"] = (["patched", "original"], {"default": "patched",
-                                                     "tooltip": "Compute against the weights with earlier patches "
-                                                                "(LoRAs, edits) applied, or the checkpoint's"})
-        return {"required": req, "optional": opt}
+def edit_inputs(method_key: str, kind: str) -> list[tuple[str, tuple | None, bool]]:
+    """The inputs of an edit node, in order: ``(name, widget spec, optional)``; the spec is None for
+    the MODEL and CLIP sockets. The order is what saved UI-format workflows store widget values by
+    (positionally), so it keeps that of earlier releases: kind inputs, preserve, lambda, strength |
+    scales, token, templates, layers, base, with the inputs a method does not use left out."""
+    site = METHODS[method_key][4]
+    settings = setting_widgets(method_key)
+    req: dict = dict(KIND_INPUTS[kind])
+    req["preserve"] = ("STRING", {"multiline": True, "default": "",
+                                  "tooltip": "Concepts to keep unchanged, one per line or comma-separated "
+                                             "(quote a name that contains a comma)"})
+    if "lambda_" in settings:
+        req["lambda_"] = settings.pop("lambda_")
+    req["strength"] = ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                                 "tooltip": "Patch strength, as on a LoRA loader"})
+    templates = ("STRING", {"multiline": True, "default": "{}",
+                            "tooltip": "Prompt templates, one per line, each with one {}"})
+    opt: dict = {}
+    for name, spec in settings.items():
+        if name == "layers":
+            opt["templates"] = templates
+        opt[name] = spec
+    opt.setdefault("templates", templates)
+    if site == "unet":  # text-encoder edits always see the CLIP's own patches
+        opt["base"] = (["patched", "original"], {"default": "patched",
+                                                 "tooltip": "Compute against the weights with earlier patches "
+                                                            "(LoRAs, edits) applied, or the checkpoint's"})
+    return ([("model", None, False), ("clip", None, False)] + [(k, v, False) for k, v in req.items()]
+            + [(k, v, True) for k, v in opt.items()])
 
-    def build_edits(self, **kw):
-        raise NotImplementedError
 
-    def edit(self, model, clip, preserve="", strength=1.0, templates="{}", base="patched", **kw):
-        widgets = {k: kw.pop(k) for k in list(kw) if k in setting_widgets(self.METHOD)}
-        edits = self.build_edits(**kw)
-        _, engine, _, _, site = METHODS[self.METHOD]
-        tpl = [t.strip() for t in (templates or "").splitlines() if t.strip()] or ["{}"]
-        plan = make_plan(edits, engine, parse_list(preserve), tpl, node_settings(self.METHOD, widgets))
-        return run_edit(model, clip, plan, strength=strength, base=base, site=site)
+def edit_node(method_key: str, kind: str, model, clip, *, preserve: str = "", strength: float = 1.0,
+              templates: str = "{}", base: str = "patched", **kw):
+    """What an edit node does with its input values: ``(model clone, clip clone, delta)`` and the
+    UI summary, as returned by :func:`run_edit`."""
+    widgets = {k: kw.pop(k) for k in list(kw) if k in setting_widgets(method_key)}
+    edits = BUILD_EDITS[kind](**kw)
+    _, engine, kinds, _, site = METHODS[method_key]
+    if kind not in kinds:
+        raise ValueError(f"{METHODS[method_key][0]} has no {kind} node")
+    tpl = [t.strip() for t in (templates or "").splitlines() if t.strip()] or ["{}"]
+    plan = make_plan(edits, engine, parse_list(preserve), tpl, node_settings(method_key, widgets))
+    return run_edit(model, clip, plan, strength=strength, base=base, site=site)
 
 
 def run_edit(model, clip, plan, *, strength: float = 1.0, base: str = "patched", site: str = "unet"):
@@ -173,80 +191,14 @@ def run_edit(model, clip, plan, *, strength: float = 1.0, base: str = "patched",
     return {"ui": {"concept_edit": [summary]}, "result": (new_model, new_clip, delta)}
 
 
-class _Erase(_EditNode):
-    KIND = "erase"
-
-    @classmethod
-    def kind_inputs(cls):
-        return {
-            "concepts": ("STRING", {"multiline": True, "default": "Van Gogh",
-                                    "tooltip": "Concepts to erase, one per line or comma-separated"}),
-            "concept_type": (["style", "object"], {"default": "style"}),
-            "guide": ("STRING", {"default": "", "tooltip": "Map erased concepts onto this (empty: 'art' for styles, '' for objects)"}),
-        }
-
-    def build_edits(self, concepts="", concept_type="style", guide=""):
-        return erase_edits(concepts, concept_type, guide)
-
-
-class _Replace(_EditNode):
-    KIND = "replace"
-
-    @classmethod
-    def kind_inputs(cls):
-        return {"replacements": ("STRING", {"multiline": True, "default": "cat -> dog",
-                                            "tooltip": "'source -> destination', one per line"})}
-
-    def build_edits(self, replacements=""):
-        return replace_edits(replacements)
-
-
-class _Moderate(_EditNode):
-    KIND = "moderate"
-
-    @classmethod
-    def kind_inputs(cls):
-        return {
-            "concepts": ("STRING", {"multiline": True, "default": "nudity"}),
-            "moderation": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
-                                     "tooltip": "How far towards the unconditional key (1 = all the way)"}),
-        }
-
-    def build_edits(self, concepts="", moderation=1.0):
-        return moderate_edits(concepts, moderation)
-
-
-class _Debias(_EditNode):
-    KIND = "debias"
-
-    @classmethod
-    def kind_inputs(cls):
-        return {
-            "concepts": ("STRING", {"multiline": True, "default": "doctor"}),
-            "attributes": ("STRING", {"default": "male, female"}),
-            "ratios": ("STRING", {"default": "0.5, 0.5", "tooltip": "Desired proportions (sum to 1)"}),
-            "alphas": ("STRING", {"default": "", "tooltip": "Attribute coefficients; empty = start from the ratios"}),
-        }
-
-    def build_edits(self, concepts="", attributes="", ratios="", alphas=""):
-        return debias_edits(concepts, attributes, ratios, alphas)
-
-
-KIND_BASES = {"erase": _Erase, "replace": _Replace, "moderate": _Moderate, "debias": _Debias}
-
-
-def _make_classes():
-    classes, names = {}, {}
+def edit_node_ids() -> dict[str, tuple[str, str, str, str]]:
+    """node id -> (method key, kind, display name, description) of every edit node. The ids are
+    what saved workflows refer to: keep them."""
+    out = {}
     for method, (label, _, kinds, _, site) in METHODS.items():
         where = "the UNet's cross-attention" if site == "unet" else "the text encoder's MLP layers (SD 1.x)"
         for kind in kinds:
-            base = KIND_BASES[kind]
-            cls_name = f"ConceptEdit{label.replace('-', '').replace(' ', '')}{kind.capitalize()}"
-            cls = type(cls_name, (base,), {"METHOD": method, "KIND": kind,
-                                           "DESCRIPTION": f"{label} {kind}: closed-form edit of {where}"})
-            classes[cls_name] = cls
-            names[cls_name] = f"{label} {kind.capitalize()} (ConceptEdit)"
-    return classes, names
-
-
-EDIT_NODES, EDIT_NODE_NAMES = _make_classes()
+            node_id = f"ConceptEdit{label.replace('-', '').replace(' ', '')}{kind.capitalize()}"
+            out[node_id] = (method, kind, f"{label} {kind.capitalize()} (ConceptEdit)",
+                            f"{label} {kind}: closed-form edit of {where}")
+    return out

@@ -59,14 +59,17 @@ assert len(names) == 32 and "unet.down_blocks.0.attentions.0.transformer_blocks.
 assert "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_v" in names
 
 # 3. the edit node: inputs untouched, clone = W0 + delta
-node = ce.NODE_CLASS_MAPPINGS["ConceptEditUCEErase"]()
+import asyncio
+ext = asyncio.run(ce.comfy_entrypoint())
+NODES = {n.GET_SCHEMA().node_id: n for n in asyncio.run(ext.get_node_list())}
+UCE_ERASE = dict(concepts="Van Gogh", concept_type="style", guide="", preserve="Monet", lambda_=0.5, strength=1.0)
 patches_before = {k: list(v) for k, v in model.patches.items()}
 clip_patches_before = dict(clip.patcher.patches)
-out = node.edit(model, clip, concepts="Van Gogh", concept_type="style", guide="", preserve="Monet")
-m2, c2, delta = out["result"]
+out = NODES["ConceptEditUCEErase"].execute(model=model, clip=clip, **UCE_ERASE)
+m2, c2, delta = out.args
 assert model.patches == patches_before and clip.patcher.patches == clip_patches_before
 assert m2 is not model and c2 is clip and len(m2.patches) == 32
-s = out["ui"]["concept_edit"][0]
+s = out.ui["concept_edit"][0]
 assert s["layers"] == 32 and s["residual_error"]["max"] < 0.1, s
 W0 = em.weights(names)
 W1 = ComfyEditableModel(m2, clip).weights(names)
@@ -108,8 +111,9 @@ edit_nodes = import_module(pkg + ".nodes.edit_nodes")
 common = import_module(pkg + ".nodes.common")
 for node_name in ("ConceptEditEMCIDErase", "ConceptEditNullspaceTEErase"):
     if node_name == "ConceptEditEMCIDErase":
-        n = ce.NODE_CLASS_MAPPINGS[node_name]()
-        out = n.edit(model, clip, concepts="Van Gogh", concept_type="style", guide="", preserve="Monet")
+        res = NODES[node_name].execute(model=model, clip=clip, concepts="Van Gogh", concept_type="style", guide="",
+                                       preserve="Monet", strength=1.0)
+        out = {"result": res.args, "ui": res.ui}
     else:  # same path as the node, on one layer (11 eigendecompositions of 3072x3072 are slow on a busy CPU)
         _, engine, _, options, site = edit_nodes.METHODS["nullspace_te"]
         plan = common.make_plan(common.erase_edits("Van Gogh", "style", ""), engine, ["Monet"], ["{}"],
@@ -136,8 +140,7 @@ except patches_mod.UnloadedKeysError as e:
     assert "does not fit this model" in str(e) and "sd2" in str(e), e
 for bad in (float("nan"), float("inf")):
     try:
-        ce.NODE_CLASS_MAPPINGS["ConceptEditUCEErase"]().edit(model, clip, concepts="Van Gogh", concept_type="style",
-                                                             guide="", strength=bad)
+        NODES["ConceptEditUCEErase"].execute(model=model, clip=clip, **{**UCE_ERASE, "strength": bad})
         raise SystemExit(f"strength {bad} was accepted")
     except ValueError as e:
         assert "finite" in str(e), e

@@ -258,12 +258,35 @@ if "pytest" in sys.modules:  # the module is also run as a script (python test_c
                     out.append(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255)
         return out
 
-    def test_pack_registered(object_info):
-        from concept_edit.nodes import NODE_CLASS_MAPPINGS
+    def interface(info: dict) -> dict:
+        """A node's /object_info reduced to what saved workflows depend on (as in tests/data)."""
+        rows = []
+        for sec in ("required", "optional"):
+            for name in info["input_order"].get(sec, []):
+                typ, opts = info["input"][sec][name][0], (info["input"][sec][name] + [{}])[1]
+                if typ == "COMBO" or isinstance(typ, list):
+                    rows.append([sec, name, "COMBO", opts.get("options") if typ == "COMBO" else typ])
+                else:
+                    rows.append([sec, name, typ])
+        return {"inputs": rows, "output": info["output"], "output_name": info["output_name"],
+                "output_node": info["output_node"]}
 
-        missing = [k for k in NODE_CLASS_MAPPINGS if k not in object_info]
-        assert not missing, f"ComfyUI did not register {missing}"
-        assert object_info["ConceptEditUCEErase"]["output"] == ["MODEL", "CLIP", "CONCEPT_DELTA"]
+    def test_pack_registered_with_the_interface_saved_workflows_use(server, object_info):
+        """The V3 nodes ComfyUI registered have the ids, inputs (names, kinds, order) and outputs of the
+        V1 nodes of release 0.1, so workflows saved with it load; later inputs may only be appended."""
+        old = json.loads((REPO / "tests" / "data" / "node_interface_0.1.json").read_text())
+        ours = sorted(k for k, v in object_info.items() if v.get("python_module", "").endswith("ConceptEdit"))
+        assert ours == sorted(old), f"registered {ours}"
+        for node_id, want in old.items():
+            got = interface(object_info[node_id])
+            if node_id == "ConceptEditLoadDelta":
+                for row in got["inputs"]:
+                    if row[1] == "delta_name":
+                        row[3] = "<files in models/loras>"
+            assert got["inputs"][: len(want["inputs"])] == want["inputs"], node_id
+            assert all(r[0] == "optional" for r in got["inputs"][len(want["inputs"]):]), node_id
+            assert {k: got[k] for k in ("output", "output_name", "output_node")} == \
+                   {k: want[k] for k in ("output", "output_name", "output_node")}, node_id
 
     @pytest.fixture(scope="module")
     def erased(server, object_info):

@@ -1,5 +1,7 @@
-"""The ComfyUI node pack without ComfyUI: import, node definitions, widget parsing, plans, summaries,
-the delta -> LoRA patch conversion, and the example workflows' consistency."""
+"""The ComfyUI node pack's host-neutral parts, without ComfyUI: import, the edit nodes' inputs against
+the committed node interface, widget parsing, plans, summaries, the delta -> LoRA patch conversion,
+and the example workflows' consistency. The V3 node classes themselves are tested inside a real
+ComfyUI (tests/test_comfyui_*.py)."""
 from __future__ import annotations
 
 import importlib.util
@@ -14,7 +16,6 @@ from concept_edit.core.delta import ConceptDelta, LayerDelta
 from concept_edit.core.plan import PlanError
 from concept_edit.engines.registry import compute_delta
 from concept_edit.files.formats import kohya_state_dict
-from concept_edit.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from concept_edit.nodes.common import (
     debias_edits,
     edit_summary,
@@ -27,48 +28,62 @@ from concept_edit.nodes.common import (
     replace_edits,
     residual_errors,
 )
-from concept_edit.nodes.delta_io_nodes import next_path
+from concept_edit.nodes.delta_io_nodes import check_inside
+from concept_edit.nodes.edit_nodes import edit_inputs, edit_node_ids
 from concept_edit.nodes.patches import split_components
 
 REPO = Path(__file__).resolve().parents[1]
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+
+
+INTERFACE = json.loads((REPO / "tests" / "data" / "node_interface_0.1.json").read_text())
+SOCKETS = {"MODEL", "CLIP", "IMAGE", "CONCEPT_DELTA", "CONCEPT_ATTENTION"}
 
 
 def test_pack_imports_under_its_folder_name_without_comfyui():
-    """ComfyUI imports the repository folder under its directory name: relative imports only,
-    no ComfyUI needed, and the node mappings and web directory are exported."""
+    """ComfyUI imports the repository folder under its directory name: relative imports only, no
+    ComfyUI needed to import the pack or its node logic, the V3 entrypoint and web directory are
+    exported, and there is no NODE_CLASS_MAPPINGS (ComfyUI would then ignore the entrypoint)."""
     code = (
-        "import importlib.util, sys\n"
+        "import importlib, importlib.util, inspect, sys\n"
         f"spec = importlib.util.spec_from_file_location('ConceptEdit', {str(REPO / '__init__.py')!r}, "
         f"submodule_search_locations=[{str(REPO)!r}])\n"
         "m = importlib.util.module_from_spec(spec); sys.modules['ConceptEdit'] = m; spec.loader.exec_module(m)\n"
-        "assert 'comfy' not in sys.modules and 'folder_paths' not in sys.modules and 'server' not in sys.modules\n"
+        "for mod in ('edit_nodes', 'delta_io_nodes', 'attention_nodes', 'patches', 'common', 'routes'):\n"
+        "    importlib.import_module('ConceptEdit.nodes.' + mod)\n"
+        "assert not {'comfy', 'comfy_api', 'folder_paths', 'server'} & set(sys.modules), 'imported ComfyUI'\n"
         "assert 'concept_edit' not in sys.modules, 'absolute self-import'\n"
-        "print(len(m.NODE_CLASS_MAPPINGS), m.WEB_DIRECTORY)\n"
+        "assert not hasattr(m, 'NODE_CLASS_MAPPINGS')\n"
+        "print(inspect.iscoroutinefunction(m.comfy_entrypoint), m.WEB_DIRECTORY)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=300)
     assert out.returncode == 0, out.stderr
-    n, web = out.stdout.split()
-    assert int(n) == len(NODE_CLASS_MAPPINGS) and web == "./web"
+    assert out.stdout.split() == ["True", "./web"]
     assert (REPO / "web" / "concept_edit.js").exists()
 
 
-def test_node_definitions():
-    kinds = {"Erase", "Replace", "Moderate", "Debias"}
-    assert {f"ConceptEditUCE{k}" for k in kinds} <= set(NODE_CLASS_MAPPINGS)
-    for name, cls in NODE_CLASS_MAPPINGS.items():
-        assert name in NODE_DISPLAY_NAME_MAPPINGS
-        spec = cls.INPUT_TYPES()
-        assert "required" in spec
-        for section in spec.values():
-            for inp, s in section.items():
-                assert isinstance(s, tuple) and (isinstance(s[0], (str, list))), (name, inp)
-        assert hasattr(cls, cls.FUNCTION)
-        if getattr(cls, "RETURN_NAMES", None):
-            assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES)
-        if name.startswith("ConceptEdit") and name[-5:] in ("Erase", "place", "erate", "ebias"):
-            assert cls.RETURN_TYPES == ("MODEL", "CLIP", "CONCEPT_DELTA")
-            assert {"model", "clip"} <= set(spec["required"])
+def _interface_of_edit_node(method: str, kind: str) -> list:
+    rows = []
+    for name, spec, optional in edit_inputs(method, kind):
+        sec = "optional" if optional else "required"
+        if spec is None:
+            rows.append([sec, name, name.upper()])
+        elif isinstance(spec[0], list):
+            rows.append([sec, name, "COMBO", spec[0]])
+        else:
+            rows.append([sec, name, spec[0]])
+    return rows
+
+
+def test_edit_nodes_keep_the_interface_saved_workflows_use():
+    """Every edit node of release 0.1 still exists with the same inputs in the same order (saved UI
+    workflows store widget values by position); the real-host test checks the whole /object_info."""
+    ids = edit_node_ids()
+    assert {k for k in INTERFACE if k in ids} == set(ids)
+    for node_id, (method, kind, display, _) in ids.items():
+        assert _interface_of_edit_node(method, kind) == INTERFACE[node_id]["inputs"], node_id
+        assert display.endswith("(ConceptEdit)")
+    assert {"ConceptEditSaveDelta", "ConceptEditLoadDelta", "ConceptEditAttentionCapture",
+            "ConceptEditAttentionHeatmaps"} == set(INTERFACE) - set(ids)
 
 
 def test_parsing_widgets():
@@ -138,13 +153,12 @@ def test_lora_state_dict_matches_saved_file(tmp_path):
     assert any(k.startswith("lora_te1_") for k in sdxl)
 
 
-def test_next_path_counts_and_stays_inside(tmp_path):
-    p1 = next_path(tmp_path, "concept_edit/erase")
-    assert p1 == tmp_path / "concept_edit" / "erase_00001_.safetensors"
-    p1.write_bytes(b"")
-    assert next_path(tmp_path, "concept_edit/erase").name == "erase_00002_.safetensors"
-    with pytest.raises(ValueError):
-        next_path(tmp_path, "../../etc/x")
+def test_save_prefix_must_stay_inside(tmp_path):
+    assert check_inside(tmp_path, "concept_edit/erase") == "concept_edit/erase"
+    assert check_inside(tmp_path, "  ") == "concept_edit"
+    for bad in ("../../etc/x", "/etc/x", ".", "a/../../x"):
+        with pytest.raises(ValueError, match="leaves the loras folder"):
+            check_inside(tmp_path, bad)
 
 
 # --------------------------------------------------------------------------- example workflows
@@ -155,14 +169,8 @@ def _load_build():
     return m
 
 
-def _widget_names(cls):
-    spec = cls.INPUT_TYPES()
-    names = []
-    for section in ("required", "optional"):
-        for name, s in spec.get(section, {}).items():
-            if isinstance(s[0], list) or s[0] in WIDGET_TYPES:
-                names.append(name)
-    return names
+def _widget_names(node_type: str) -> list[str]:
+    return [row[1] for row in INTERFACE[node_type]["inputs"] if row[2] not in SOCKETS]
 
 
 @pytest.mark.parametrize("name", sorted(_load_build().WORKFLOWS))
@@ -178,10 +186,9 @@ def test_example_workflows_are_consistent(name):
         assert s["outputs"][sslot]["type"] == typ == d["inputs"][dslot]["type"]
         assert lid in s["outputs"][sslot]["links"] and d["inputs"][dslot]["link"] == lid
     for n in wf["nodes"]:
-        if n["type"] in NODE_CLASS_MAPPINGS:
-            cls = NODE_CLASS_MAPPINGS[n["type"]]
-            assert len(n["widgets_values"]) == len(_widget_names(cls)), n["type"]
-            req = {k for k, s in cls.INPUT_TYPES()["required"].items() if not (isinstance(s[0], list) or s[0] in WIDGET_TYPES)}
+        if n["type"] in INTERFACE:
+            assert len(n["widgets_values"]) == len(_widget_names(n["type"])), n["type"]
+            req = {r[1] for r in INTERFACE[n["type"]]["inputs"] if r[0] == "required" and r[2] in SOCKETS}
             linked = {i["name"] for i in n["inputs"] if i["link"] is not None}
             assert req <= linked, (n["type"], req - linked)
         else:

@@ -265,8 +265,9 @@ def test_cli_flags_override_a_plan_and_edit_flags_are_refused(tiny_sd1_dir, tmp_
 
 def test_each_node_shows_only_the_settings_its_method_uses():
     from concept_edit.nodes.edit_nodes import (
-        EDIT_NODES,
         METHODS,
+        edit_inputs,
+        edit_node_ids,
         node_settings,
         setting_widgets,
     )
@@ -283,9 +284,9 @@ def test_each_node_shows_only_the_settings_its_method_uses():
         widgets = {w: spec[1].get("default") for w, spec in setting_widgets(key).items()}
         built = build_settings(engine, node_settings(key, widgets))
         assert dataclasses.asdict(built) == dataclasses.asdict(build_settings(engine, fixed)), key
-    for cls in EDIT_NODES.values():
-        spec = cls.INPUT_TYPES()
-        assert ("base" in spec["optional"]) == (METHODS[cls.METHOD][4] == "unet")
+    for method, kind, _, _ in edit_node_ids().values():
+        optional = [name for name, _, opt in edit_inputs(method, kind) if opt]
+        assert ("base" in optional) == (METHODS[method][4] == "unet")
 
 
 def test_unknown_words_are_warned_about(tiny):
