@@ -12,6 +12,10 @@ between runs, as .ci/run does; otherwise it lives in the session's temporary hom
 The example workflows are the UI-format files users drag in; this test converts them to API
 prompts with the server's ``/object_info`` (so the committed files are what is tested), makes
 them CPU-sized (64x64, 2 steps), queues them with POST /prompt and polls /history.
+
+Graphs with core nodes: an edit node into CheckpointSave changes exactly the edited tensors, by the
+delta; Save Concept Delta into LoraLoader gives the edit node's weights; a LoRA, two chained edit
+nodes and an unedited branch from the same loader; bad node inputs reach the UI as messages.
 """
 from __future__ import annotations
 
@@ -124,6 +128,20 @@ class ComfyServer:
             time.sleep(1.0)
         raise AssertionError(f"prompt {pid} did not finish in {timeout}s\n" + self.tail())
 
+    def run_error(self, prompt: dict, timeout: float = 600) -> dict:
+        """Queue ``prompt``, expecting it to fail while executing: the ``execution_error`` message the
+        UI receives (node type, exception type and message)."""
+        pid = self.post("/prompt", {"prompt": prompt, "client_id": "concept-edit-test"})["prompt_id"]
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            entry = self.get(f"/history/{pid}").get(pid)
+            if entry and entry.get("status", {}).get("completed") is not None and entry["status"].get("status_str"):
+                status = entry["status"]
+                assert status["status_str"] == "error", "expected an error, the prompt succeeded"
+                return next(m[1] for m in status["messages"] if m[0] == "execution_error")
+            time.sleep(1.0)
+        raise AssertionError(f"prompt {pid} did not finish in {timeout}s\n" + self.tail())
+
     def tail(self, n: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
@@ -231,6 +249,7 @@ def node_outputs(entry: dict, class_type: str, prompt: dict) -> list[dict]:
 if "pytest" in sys.modules:  # the module is also run as a script (python test_comfyui_e2e.py make-checkpoint)
     import numpy as np
     import pytest
+    import torch
 
     pytestmark = pytest.mark.skipif(comfy_path() is None, reason="no ComfyUI: set COMFYUI_PATH and COMFYUI_PYTHON (../shared/comfyui/install.sh DEST prints both; .ci/run does it all)")
 
@@ -371,6 +390,175 @@ if "pytest" in sys.modules:  # the module is also run as a script (python test_c
         s = ui["concept_edit"][0]
         assert s["concepts"] == ["debias doctor: male, female"] and s["layers"] == 32
         assert len(_images(server, entry, prompt, "debias_doctor")) == 2
+
+    # ------------------------------------------------------------- graphs with core nodes
+    def _api(*nodes) -> dict:
+        """An API prompt from (class_type, inputs) pairs, numbered from 1."""
+        return {str(i + 1): {"class_type": c, "inputs": inp} for i, (c, inp) in enumerate(nodes)}
+
+    def _sample(model, clip, text: str, prefix: str, vae=("1", 2)) -> list:
+        """CLIPTextEncode + EmptyLatentImage + KSampler (seeded) + VAEDecode + SaveImage, as (class_type,
+        inputs) pairs whose links to each other are "@i" (the block's i-th node); see _with_samplers."""
+        return [("CLIPTextEncode", {"clip": clip, "text": text}),
+                ("EmptyLatentImage", {"width": 64, "height": 64, "batch_size": 1}),
+                ("KSampler", {"model": model, "positive": ["@0", 0], "negative": ["@0", 0], "latent_image": ["@1", 0],
+                              "seed": 7, "steps": 2, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal",
+                              "denoise": 1.0}),
+                ("VAEDecode", {"samples": ["@2", 0], "vae": list(vae)}),
+                ("SaveImage", {"images": ["@3", 0], "filename_prefix": prefix})]
+
+    def _with_samplers(base: list, *samplers: list) -> dict:
+        nodes = list(base)
+        for block in samplers:
+            start = len(nodes) + 1
+            for c, inp in block:
+                inp = {k: ([str(start + int(v[0][1:])), v[1]] if isinstance(v, list) and str(v[0]).startswith("@") else v)
+                       for k, v in inp.items()}
+                nodes.append((c, inp))
+        return _api(*nodes)
+
+    def _single_file_keys() -> dict:
+        """canonical layer name -> key in a checkpoint ComfyUI saved for the test model (SD 1.5 layout)."""
+        from concept_edit.adapters.ldm_keymap import canonical_to_single_file_keys
+
+        cfg = json.loads((REPO / "bench" / "configs" / "sd15_unet.json").read_text())
+        return canonical_to_single_file_keys({"unet": cfg}, family="sd1")
+
+    def _changes(a: Path, b: Path) -> dict:
+        """key -> float64 difference b - a for every tensor that differs (the files must have the same keys)."""
+        import torch
+        from safetensors import safe_open
+
+        out = {}
+        with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
+            assert set(fa.keys()) == set(fb.keys())
+            for k in fa.keys():
+                x, y = fa.get_tensor(k), fb.get_tensor(k)
+                if not torch.equal(x, y):
+                    out[k] = y.double() - x.double()
+        return out
+
+    def _output_file(server, prefix: str) -> Path:
+        (f,) = sorted((server.base / "output").glob(prefix + "_*.safetensors"))
+        return f
+
+    @pytest.fixture(scope="module")
+    def checkpoint_save(server):
+        """An edit node into core CheckpointSave, and the delta it computed saved beside it."""
+        prompt = _api(
+            ("CheckpointLoaderSimple", {"ckpt_name": CKPT_NAME}),
+            ("ConceptEditUCEErase", {"model": ["1", 0], "clip": ["1", 1], "concepts": "Van Gogh", "concept_type": "style",
+                                     "guide": "", "preserve": "Monet", "lambda_": 0.5, "strength": 1.0}),
+            ("ConceptEditSaveDelta", {"delta": ["2", 2], "filename_prefix": "concept_edit/for_checkpoint"}),
+            ("CheckpointSave", {"model": ["2", 0], "clip": ["2", 1], "vae": ["1", 2], "filename_prefix": "checkpoints/edited"}),
+        )
+        entry = server.run(prompt)
+        rel = node_outputs(entry, "ConceptEditSaveDelta", prompt)[0]["concept_edit_saved"][0]
+        return rel, _output_file(server, "checkpoints/edited")
+
+    def test_checkpoint_save_changes_exactly_the_edited_tensors_by_the_delta(server, checkpoint_save):
+        from concept_edit.files.formats import load_delta
+
+        rel, edited = checkpoint_save
+        delta = load_delta(server.base / "models" / "loras" / rel)
+        keys = _single_file_keys()
+        changed = _changes(server.base / "models" / "checkpoints" / CKPT_NAME, edited)
+        assert set(changed) == {keys[n] for n in delta.layers} and len(changed) == 32
+        for n, ld in delta.layers.items():
+            d = ld.dense(torch.float64)
+            err = (changed[keys[n]] - d).abs().max().item()
+            assert err <= 1e-5 * d.abs().max().item() + 1e-7, (n, err)
+
+    def test_core_lora_loader_gives_the_edit_nodes_weights(server, checkpoint_save):
+        """Save Concept Delta -> core LoraLoader: no key left unloaded, and the model it patches, saved by
+        CheckpointSave, equals the edit node's."""
+        rel, edited = checkpoint_save
+        before = server.log.read_text(errors="replace").count("lora key not loaded")
+        server.run(_api(
+            ("CheckpointLoaderSimple", {"ckpt_name": CKPT_NAME}),
+            ("LoraLoader", {"model": ["1", 0], "clip": ["1", 1], "lora_name": rel, "strength_model": 1.0, "strength_clip": 1.0}),
+            ("CheckpointSave", {"model": ["2", 0], "clip": ["2", 1], "vae": ["1", 2], "filename_prefix": "checkpoints/lora_loaded"}),
+        ))
+        assert server.log.read_text(errors="replace").count("lora key not loaded") == before, server.tail()
+        loaded = _output_file(server, "checkpoints/lora_loaded")
+        try:
+            diff = _changes(edited, loaded)
+            assert all(v.abs().max().item() <= 1e-6 for v in diff.values()), {k: v.abs().max().item() for k, v in diff.items()}
+        finally:
+            loaded.unlink()
+
+    def test_lora_then_chained_edits_and_an_unedited_branch(server, checkpoint_save):
+        """A LoRA loaded before two chained edit nodes: the saved checkpoint is W0 + LoRA + both deltas
+        (the second computed on the first's output); the same loaded model also feeds an unedited
+        sampler, whose image equals that of a graph without the edit nodes."""
+        from concept_edit.files.formats import load_delta
+
+        rel, edited = checkpoint_save
+        base = [
+            ("CheckpointLoaderSimple", {"ckpt_name": CKPT_NAME}),
+            ("LoraLoader", {"model": ["1", 0], "clip": ["1", 1], "lora_name": rel, "strength_model": 0.5, "strength_clip": 0.5}),
+            ("ConceptEditUCEReplace", {"model": ["2", 0], "clip": ["2", 1], "replacements": "cat -> dog", "preserve": "",
+                                       "lambda_": 0.5, "strength": 1.0}),
+            ("ConceptEditUCEErase", {"model": ["3", 0], "clip": ["3", 1], "concepts": "Monet", "concept_type": "style",
+                                     "guide": "", "preserve": "", "lambda_": 0.5, "strength": 1.0}),
+            ("ConceptEditSaveDelta", {"delta": ["3", 2], "filename_prefix": "chain/first"}),
+            ("ConceptEditSaveDelta", {"delta": ["4", 2], "filename_prefix": "chain/second"}),
+            ("CheckpointSave", {"model": ["4", 0], "clip": ["4", 1], "vae": ["1", 2], "filename_prefix": "checkpoints/chain"}),
+        ]
+        prompt = _with_samplers(base, _sample(["4", 0], ["4", 1], "a cat", "chain_edited"),
+                                _sample(["1", 0], ["1", 1], "a cat", "chain_unedited"))
+        entry = server.run(prompt)
+        plain = _with_samplers([base[0]], _sample(["1", 0], ["1", 1], "a cat", "plain"))
+        entry_plain = server.run(plain)
+        (e,), (u,), (p0,) = (_images(server, entry, prompt, "chain_edited"), _images(server, entry, prompt, "chain_unedited"),
+                             _images(server, entry_plain, plain, "plain"))
+        assert np.array_equal(u, p0), "the unedited branch changed"
+        assert not np.array_equal(e, p0)
+
+        loras = server.base / "models" / "loras"
+        lora, d1, d2 = load_delta(loras / rel), load_delta(loras / "chain" / "first_00001_.safetensors"), \
+            load_delta(loras / "chain" / "second_00001_.safetensors")
+        assert d2.metadata["base_fingerprint"] != d1.metadata["base_fingerprint"]  # computed on the first edit's output
+        keys = _single_file_keys()
+        chain = _output_file(server, "checkpoints/chain")
+        try:
+            changed = _changes(server.base / "models" / "checkpoints" / CKPT_NAME, chain)
+        finally:
+            chain.unlink()
+        assert set(changed) == {keys[n] for n in lora.layers}
+        for n in lora.layers:
+            want = 0.5 * lora.layers[n].dense(torch.float64) + d1.layers[n].dense(torch.float64) + d2.layers[n].dense(torch.float64)
+            err = (changed[keys[n]] - want).abs().max().item()
+            assert err <= 1e-5 * want.abs().max().item() + 1e-7, (n, err)
+
+    # ------------------------------------------------------------- bad inputs reach the UI as messages
+    def _uce(**over):
+        inputs = {"model": ["1", 0], "clip": ["1", 1], "concepts": "Van Gogh", "concept_type": "style", "guide": "",
+                  "preserve": "", "lambda_": 0.5, "strength": 1.0, **over}
+        return _api(("CheckpointLoaderSimple", {"ckpt_name": CKPT_NAME}), ("ConceptEditUCEErase", inputs),
+                    ("ConceptEditSaveDelta", {"delta": ["2", 2], "filename_prefix": "concept_edit/bad"}))
+
+    @pytest.mark.parametrize("over,message", [
+        ({"strength": float("nan")}, "strength must be a finite number"),
+        ({"lambda_": 0.0, "erase_scale": 0.0, "preserve_scale": 0.0}, "erase_scale"),
+        ({"concepts": " , "}, "name at least one concept"),
+    ])
+    def test_bad_node_inputs_are_messages_in_the_ui(server, over, message):
+        err = server.run_error(_uce(**over))
+        assert err["node_type"] == "ConceptEditUCEErase" and message in err["exception_message"], err
+        assert not list((server.base / "models" / "loras" / "concept_edit").glob("bad_*"))
+
+    def test_heatmap_word_not_in_the_prompt_is_a_message(server):
+        prompt = _with_samplers(
+            [("CheckpointLoaderSimple", {"ckpt_name": CKPT_NAME}), ("ConceptEditAttentionCapture", {"model": ["1", 0]})],
+            _sample(["2", 0], ["1", 1], "a cat", "heat"),
+        )
+        prompt[str(len(prompt) + 1)] = {"class_type": "ConceptEditAttentionHeatmaps", "inputs": {
+            "attention": ["2", 1], "images": ["6", 0], "clip": ["1", 1], "prompt": "a cat", "words": "dog"}}
+        prompt[str(len(prompt) + 1)] = {"class_type": "SaveImage", "inputs": {"images": [str(len(prompt)), 0],
+                                                                             "filename_prefix": "heat_missing"}}
+        err = server.run_error(prompt)
+        assert err["node_type"] == "ConceptEditAttentionHeatmaps" and "not in the prompt: 'dog'" in err["exception_message"], err
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "make-checkpoint":
