@@ -1,7 +1,8 @@
 """Every V3 node class of the pack, run inside a real ComfyUI (in a subprocess with ComfyUI's
 Python, no server): the extension ComfyUI loads, each edit node on the SD 1.5-shaped random
 checkpoint (inputs never mutated, the clone patched with exactly the delta's layers), Save Concept
-Delta's paths, counter and refusals, Load Concept Delta on what was saved. Skipped unless
+Delta's paths, counter and refusals, Load Concept Delta on what was saved; the registry metadata
+in pyproject.toml as ComfyUI's own parser reads it. Skipped unless
 COMFYUI_PATH is set. The workflows through the HTTP API are in test_comfyui_e2e.py.
 """
 from __future__ import annotations
@@ -44,6 +45,13 @@ nodes = {n.GET_SCHEMA().node_id: n for n in asyncio.run(ext.get_node_list())}
 assert all(issubclass(n, io.ComfyNode) for n in nodes.values())
 edit_ids = [k for k in nodes if k.endswith(("Erase", "Replace", "Moderate", "Debias"))]
 assert len(nodes) == 17 and len(edit_ids) == 13, sorted(nodes)
+
+# the registry metadata, as ComfyUI's own parser reads pyproject.toml
+from comfy_config import config_parser
+cfg = config_parser.extract_node_configuration(ce_root)
+assert cfg.project.name == "concept-edit" and cfg.tool_comfy.display_name == "ConceptEdit", cfg
+assert cfg.tool_comfy.publisher_id and cfg.project.supported_comfyui_version == ">=0.3.64", cfg
+assert cfg.tool_comfy.web is None  # WEB_DIRECTORY serves web/; a second registration loads the JS twice
 
 loras = tempfile.mkdtemp()
 folder_paths.add_model_folder_path("loras", loras, is_default=True)
