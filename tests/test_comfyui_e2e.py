@@ -307,6 +307,13 @@ if "pytest" in sys.modules:  # the module is also run as a script (python test_c
             assert {k: got[k] for k in ("output", "output_name", "output_node")} == \
                    {k: want[k] for k in ("output", "output_name", "output_node")}, node_id
 
+    def test_template_browser_lists_the_workflows_with_thumbnails(server):
+        names = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
+        assert sorted(server.get("/workflow_templates")["ConceptEdit"]) == names
+        for name in names:
+            with urllib.request.urlopen(f"{server.url}/api/workflow_templates/ConceptEdit/{name}.jpg", timeout=60) as r:
+                assert r.headers["Content-Type"] == "image/jpeg" and r.read(3) == b"\xff\xd8\xff", name
+
     @pytest.fixture(scope="module")
     def erased(server, object_info):
         prompt = cpu_sized(ui_to_api(load_workflow("erase_artist_style_save_lora.json"), object_info))

@@ -195,6 +195,15 @@ def test_example_workflows_are_consistent(name):
             assert n["type"] in build.BUILTIN
 
 
+def test_every_example_workflow_has_a_thumbnail():
+    """ComfyUI's template browser shows <name>.jpg beside <name>.json (tests/browser/make_thumbnails.py)."""
+    from PIL import Image
+
+    for wf in (REPO / "example_workflows").glob("*.json"):
+        with Image.open(wf.with_suffix(".jpg")) as im:
+            assert im.format == "JPEG" and im.size[0] >= 400, wf.name
+
+
 class _ProtocolOnly:
     """Only the EditableModel protocol (what ComfyEditableModel offers): no ``.pipe``."""
 
