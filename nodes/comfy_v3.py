@@ -74,7 +74,8 @@ class SaveConceptDelta(io.ComfyNode):
                                 tooltip="Path inside the loras folder; subfolders allowed, %date% variables as in Save Image"),
                 io.Int.Input("rank", default=0, min=0, max=4096, optional=True,
                              tooltip="0 = exact; else SVD-truncate each layer"),
-                io.Combo.Input("format", options=["lora", "diff"], default="lora", optional=True),
+                io.Combo.Input("format", options=["lora", "diff"], default="lora", optional=True,
+                               tooltip="lora: kohya LoRA (ComfyUI, diffusers, A1111); diff: dense weight differences"),
             ],
             is_output_node=True,
         )
@@ -94,9 +95,11 @@ class LoadConceptDelta(io.ComfyNode):
             inputs=[
                 io.Model.Input("model"),
                 io.Clip.Input("clip"),
-                io.Combo.Input("delta_name", options=lora_files()),
-                io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01),
-                io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01),
+                io.Combo.Input("delta_name", options=lora_files(), tooltip="A delta or LoRA file in the loras folder"),
+                io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Scale of the UNet part, as on a LoRA loader"),
+                io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Scale of the text-encoder part, as on a LoRA loader"),
             ],
             outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
                      Delta.Output(display_name="delta")],
@@ -115,7 +118,7 @@ class AttentionCapture(io.ComfyNode):
             node_id="ConceptEditAttentionCapture", display_name="Attention Capture (ConceptEdit)", category=CATEGORY,
             description="A clone of MODEL whose cross-attention is recorded while it samples; feed the capture "
                         "to Attention Heatmaps",
-            inputs=[io.Model.Input("model")],
+            inputs=[io.Model.Input("model", tooltip="The model to sample with; its cross-attention is recorded")],
             outputs=[io.Model.Output(display_name="model"), Attention.Output(display_name="attention")],
         )
 
@@ -137,9 +140,11 @@ class AttentionHeatmaps(io.ComfyNode):
                 io.Clip.Input("clip"),
                 io.String.Input("prompt", multiline=True, default="", tooltip="The positive (or negative) prompt that was sampled"),
                 io.String.Input("words", default="", tooltip="Words of the prompt to map, comma-separated (pick them on the node)"),
-                io.Combo.Input("branch", options=["positive", "negative"], default="positive", optional=True),
-                io.Boolean.Input("overlay", default=True, optional=True),
-                io.Float.Input("alpha", default=0.6, min=0.0, max=1.0, step=0.05, optional=True),
+                io.Combo.Input("branch", options=["positive", "negative"], default="positive", optional=True,
+                               tooltip="Which prompt's attention to show (the sampler's positive or negative)"),
+                io.Boolean.Input("overlay", default=True, optional=True, tooltip="Draw the map over the image"),
+                io.Float.Input("alpha", default=0.6, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip="Opacity of the map over the image"),
             ],
             outputs=[io.Image.Output(display_name="heatmaps")],
         )

@@ -103,7 +103,8 @@ KIND_INPUTS = {
     "erase": {
         "concepts": ("STRING", {"multiline": True, "default": "Van Gogh",
                                 "tooltip": "Concepts to erase, one per line or comma-separated"}),
-        "concept_type": (["style", "object"], {"default": "style"}),
+        "concept_type": (["style", "object"], {"default": "style",
+                                               "tooltip": "Sets the default guide: 'art' for a style, the empty prompt for an object"}),
         "guide": ("STRING", {"default": "", "tooltip": "Map erased concepts onto this (empty: 'art' for styles, '' for objects)"}),
     },
     "replace": {
@@ -111,13 +112,15 @@ KIND_INPUTS = {
                                     "tooltip": "'source -> destination', one per line"}),
     },
     "moderate": {
-        "concepts": ("STRING", {"multiline": True, "default": "nudity"}),
+        "concepts": ("STRING", {"multiline": True, "default": "nudity",
+                                "tooltip": "Concepts to moderate, one per line or comma-separated"}),
         "moderation": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
                                  "tooltip": "How far towards the unconditional key (1 = all the way)"}),
     },
     "debias": {
-        "concepts": ("STRING", {"multiline": True, "default": "doctor"}),
-        "attributes": ("STRING", {"default": "male, female"}),
+        "concepts": ("STRING", {"multiline": True, "default": "doctor",
+                                "tooltip": "Concepts to debias (e.g. professions), one per line or comma-separated"}),
+        "attributes": ("STRING", {"default": "male, female", "tooltip": "Attributes to balance, comma-separated"}),
         "ratios": ("STRING", {"default": "0.5, 0.5", "tooltip": "Desired proportions (sum to 1)"}),
         "alphas": ("STRING", {"default": "", "tooltip": "Attribute coefficients; empty = start from the ratios"}),
     },

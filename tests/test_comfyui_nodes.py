@@ -45,6 +45,9 @@ nodes = {n.GET_SCHEMA().node_id: n for n in asyncio.run(ext.get_node_list())}
 assert all(issubclass(n, io.ComfyNode) for n in nodes.values())
 edit_ids = [k for k in nodes if k.endswith(("Erase", "Replace", "Moderate", "Debias"))]
 assert len(nodes) == 17 and len(edit_ids) == 13, sorted(nodes)
+for node_id, cls in nodes.items():  # every widget says what it does
+    untold = [i.id for i in cls.GET_SCHEMA().inputs if isinstance(i, io.WidgetInput) and not i.tooltip]
+    assert not untold, (node_id, untold)
 
 # the registry metadata, as ComfyUI's own parser reads pyproject.toml
 from comfy_config import config_parser
