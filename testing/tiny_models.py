@@ -108,3 +108,61 @@ def build_tiny_pipeline(family: str = "sd1", *, seed: int = 0):
         vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok2, unet=unet, scheduler=sched,
         force_zeros_for_empty_prompt=True,
     )
+
+
+def _t5_encoder(d_model: int):
+    from transformers import T5Config, T5EncoderModel
+
+    from .tokenizer_files import T5_VOCAB
+
+    cfg = T5Config(vocab_size=T5_VOCAB, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=4,
+                   relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+                   pad_token_id=0, eos_token_id=1)
+    return T5EncoderModel(cfg)
+
+
+def build_tiny_mmdit_pipeline(family: str = "flux", *, seed: int = 0):
+    """A randomly initialised FluxPipeline ("flux") or StableDiffusion3Pipeline ("sd3"): the real
+    classes and layer names (``transformer.context_embedder``, the pooled-text embedder), CLIP
+    with the real CLIP tokenizer, a T5 encoder with an offline T5-style tokenizer."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5TokenizerFast
+
+    from .tokenizer_files import t5_tokenizer_dir
+
+    torch.manual_seed(seed)
+    # FLUX packs 2x2 latent patches into its 4 input channels: a 1-channel VAE latent
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                        latent_channels=1 if family == "flux" else 4, norm_num_groups=1, use_quant_conv=False,
+                        use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+    tok = CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir()))
+    t5_tok = T5TokenizerFast.from_pretrained(str(t5_tokenizer_dir()))
+    sched = FlowMatchEulerDiscreteScheduler()
+    if family == "flux":
+        clip = CLIPTextModel(_clip_config(32))
+        t5 = _t5_encoder(48)
+        transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                             pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+        return FluxPipeline(scheduler=sched, vae=vae, text_encoder=clip, tokenizer=tok, text_encoder_2=t5,
+                            tokenizer_2=t5_tok, transformer=transformer)
+    if family == "sd3":
+        # CLIP-L (32) ‖ CLIP-G (48) states are zero-padded to the T5 width (96) and joined along tokens
+        clip_l = CLIPTextModelWithProjection(_clip_config(32, projection=32))
+        clip_g = CLIPTextModelWithProjection(_clip_config(48, projection=48, act="gelu"))
+        t5 = _t5_encoder(96)
+        transformer = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, num_layers=1,
+                                            attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                            joint_attention_dim=96, pooled_projection_dim=80, out_channels=4)
+        return StableDiffusion3Pipeline(scheduler=sched, vae=vae, text_encoder=clip_l, tokenizer=tok,
+                                        text_encoder_2=clip_g, tokenizer_2=CLIPTokenizer.from_pretrained(
+                                            str(clip_tokenizer_dir(pad_token="!"))),
+                                        text_encoder_3=t5, tokenizer_3=t5_tok, transformer=transformer)
+    raise ValueError("family must be 'flux' or 'sd3'")

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import shutil
+import string
 from functools import lru_cache
 from pathlib import Path
 
@@ -92,4 +93,51 @@ def clip_tokenizer_dir(cache_root: str | None = None, pad_token: str = "<|endoft
             shutil.rmtree(tmp, ignore_errors=True)
             if not (d / "merges.txt").exists():
                 raise FileExistsError(f"{d} is an incomplete tokenizer folder; delete it to rebuild") from None
+    return d
+
+
+# ------------------------------------------------------------------ a T5-style tokenizer, offline
+T5_VOCAB = 4000
+
+
+def write_t5_tokenizer(out_dir: str | Path, *, vocab_size: int = T5_VOCAB, model_max_length: int = 512) -> Path:
+    """A T5TokenizerFast folder built offline: a Unigram model with T5's special tokens
+    (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2), metaspace pre-tokenisation and ``</s>`` appended, as
+    T5's sentencepiece tokenizer does. Trained (``tokenizers``) on the whole words of CLIP's BPE
+    table, so ordinary English words are single tokens or a few pieces; deterministic."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import T5TokenizerFast
+
+    lines = gzip.open(open_clip_bpe_path()).read().decode("utf-8").split("\n")[1 : N_MERGES + 1]
+    words = sorted({"".join(m.split())[: -len("</w>")] for m in lines if m.endswith("</w>")})
+    words = [w for w in words if w.isascii() and w.isalpha()]
+    words += [w.capitalize() for w in words[::3]]  # T5 is case-sensitive: names come capitalised
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace("  ", " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                      unk_token="<unk>", shrinking_factor=0.75, show_progress=False,
+                                      initial_alphabet=list(string.ascii_letters + string.digits + string.punctuation))
+    tok.train_from_iterator(words, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    out = Path(out_dir)
+    fast = T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=model_max_length)
+    fast.save_pretrained(str(out))
+    return out
+
+
+@lru_cache(maxsize=2)
+def t5_tokenizer_dir(cache_root: str | None = None) -> Path:
+    """A cached T5-style tokenizer folder under :func:`default_cache_root` (or ``cache_root``)."""
+    root = Path(cache_root) if cache_root else default_cache_root()
+    d = root / f"t5_tokenizer_{T5_VOCAB}"
+    if not (d / "tokenizer.json").exists():
+        tmp = write_t5_tokenizer(root / f".t5_tokenizer.{os.getpid()}.partial")
+        try:
+            tmp.rename(d)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
     return d
