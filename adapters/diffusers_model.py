@@ -21,6 +21,7 @@ from .base import (
 from .families import FAMILIES, detect_family, encoders_from_configs
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "FluxPipeline", "StableDiffusion3Pipeline")
 
 
 class ModelLoadError(ValueError):
@@ -30,10 +31,9 @@ class ModelLoadError(ValueError):
 def _pipeline_class(name: str):
     import diffusers
 
-    if name not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
+    if name not in PIPELINES:
         raise ModelLoadError(
-            f"unsupported pipeline class {name!r}; ConceptEdit supports StableDiffusionPipeline (SD 1.x/2.x) "
-            "and StableDiffusionXLPipeline"
+            f"unsupported pipeline class {name!r}; ConceptEdit supports {', '.join(PIPELINES)}"
         )
     return getattr(diffusers, name)
 
@@ -96,6 +96,16 @@ def _refuse_pickled_components(folder: Path) -> None:
                 f"{sub.name}/{pickles[0].name} in {folder} is a pickled checkpoint, which can execute code when "
                 "loaded; convert it to .safetensors or pass allow_pickle=True (CLI: --allow-pickle) if you trust its source"
             )
+
+
+def editable_model(pipe, *, autocast_dtype: torch.dtype | None = None):
+    """The engines' view of a loaded pipeline: :class:`DiffusersModel` for the UNet families,
+    :class:`.mmdit_model.MMDiTModel` for FLUX and SD3 (pipelines with a ``transformer``)."""
+    if getattr(pipe, "transformer", None) is not None:
+        from .mmdit_model import MMDiTModel
+
+        return MMDiTModel(pipe, autocast_dtype=autocast_dtype)
+    return DiffusersModel(pipe, autocast_dtype=autocast_dtype)
 
 
 class DiffusersModel(EditableModel):

@@ -8,7 +8,9 @@ from PIL import Image, ImageDraw
 def generate(pipe, prompts: list[str], *, seed: int = 0, steps: int = 20, size: int | None = None,
              guidance_scale: float = 7.5, batch_size: int = 8, progress: bool = False) -> list[Image.Image]:
     """One image per prompt; prompt i always uses seed ``seed + i``."""
-    size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if size is None:  # the pipeline's default resolution (an MMDiT pipeline has no UNet)
+        unet = getattr(pipe, "unet", None)
+        size = (unet.config.sample_size if unet is not None else pipe.default_sample_size) * pipe.vae_scale_factor
     pipe.set_progress_bar_config(disable=not progress)
     images = []
     for start in range(0, len(prompts), batch_size):

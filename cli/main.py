@@ -19,7 +19,7 @@ def _load(args, *, lazy: bool = False):
     import torch
 
     from ..adapters.bundled import default_model_path
-    from ..adapters.diffusers_model import DiffusersModel, load_pipeline
+    from ..adapters.diffusers_model import editable_model, load_pipeline
 
     path = args.model or default_model_path()
     autocast = torch.bfloat16 if getattr(args, "bf16", False) else None
@@ -32,7 +32,7 @@ def _load(args, *, lazy: bool = False):
                                  "folder of the same architecture; no model hub is reachable")
         return path, None, SingleFileModel(path, args.config, autocast_dtype=autocast)
     pipe = load_pipeline(path, config=args.config, allow_pickle=args.allow_pickle)
-    return path, pipe, DiffusersModel(pipe, autocast_dtype=autocast)
+    return path, pipe, editable_model(pipe, autocast_dtype=autocast)
 
 
 EDIT_FLAGS = ("erase", "erase_style", "replace", "moderate", "debias", "guide")

@@ -71,9 +71,11 @@ def _targets_aligned(enc: KeyEncoder, plan: EditPlan, alphas: dict[str, list[flo
     return K, T, owners
 
 
-def edit_keys_and_targets(model: EditableModel, plan: EditPlan, alphas: dict[str, list[float]] | None = None):
-    """Key rows, target rows and per-row erase weights for a plan (shared by UCE-style solvers)."""
-    enc = KeyEncoder(model)
+def edit_keys_and_targets(model: EditableModel, plan: EditPlan, alphas: dict[str, list[float]] | None = None,
+                          enc=None):
+    """Key rows, target rows and per-row erase weights for a plan (shared by UCE-style solvers);
+    ``enc`` is the key encoder (default: the model's text states, :class:`KeyEncoder`)."""
+    enc = enc or KeyEncoder(model)
     alphas = alphas or {}
     n = len(plan.templates)
     if plan.settings.token == "last":
@@ -104,6 +106,30 @@ def preserve_keys(enc: KeyEncoder, plan: EditPlan) -> torch.Tensor | None:
     return torch.cat(rows) if rows else None
 
 
+def key_spaces(model, plan: EditPlan) -> dict[str, tuple[dict, list]]:
+    """space -> (layers to edit, key encoders whose rows the space's solve uses). A UNet model has
+    one space, its cross-attention; an MMDiT model (``model.key_spaces``) has the context
+    embedder's token states and the pooled embedder's pooled vectors (adapters/mmdit_model.py)."""
+    if hasattr(model, "key_spaces"):
+        if plan.settings.token != "last":
+            raise ValueError(f"{model.family}: only token 'last' is supported for the MMDiT text readers")
+        if plan.settings.layers != "kv":
+            raise ValueError(f"{model.family}: 'layers' chooses UNet cross-attention projections; an MMDiT edits its "
+                             "context and pooled-text embedders (leave layers at its default)")
+        return model.key_spaces()
+    return {"states": (edit_layers(model, plan.settings.layers), [KeyEncoder(model)])}
+
+
+def space_keys(model, plan: EditPlan, encs: list, alphas=None):
+    """(K, T, w, P) of one key space: the rows of each of its key encoders, stacked."""
+    parts = [edit_keys_and_targets(model, plan, alphas, enc) for enc in encs]
+    K = torch.cat([k for _, k, _, _ in parts])
+    T = torch.cat([t for _, _, t, _ in parts])
+    w = torch.cat([w for _, _, _, w in parts])
+    Ps = [p for p in (preserve_keys(enc, plan) for enc, _, _, _ in parts) if p is not None]
+    return K, T, w, (torch.cat(Ps) if Ps else None)
+
+
 def edit_layers(model: EditableModel, which: str) -> dict[str, torch.nn.Parameter]:
     """Cross-attention projections to edit: ``which`` is "kv" (to_k and to_v) or "v"."""
     suffixes = ("to_k", "to_v") if which == "kv" else ("to_v",)
@@ -120,25 +146,25 @@ def uce_delta(
     alphas: dict[str, list[float]] | None = None,
     progress: bool = True,
 ) -> ConceptDelta:
-    """Compute the UCE edit of ``plan`` on ``model`` as a ConceptDelta (model untouched)."""
+    """Compute the UCE edit of ``plan`` on ``model`` as a ConceptDelta (model untouched).
+
+    Targets are ``W0 t`` (weights only): a layer's bias adds the same to edited and original
+    outputs, so it needs no solving and preserved outputs keep it."""
     t0 = time.perf_counter()
-    enc, K, T, w = edit_keys_and_targets(model, plan, alphas)
-    P = preserve_keys(enc, plan)
-    t_keys = time.perf_counter() - t0
     s = plan.settings
-    sol = uce_solve(K, T, P, lam=s.lam, erase_scale=w, preserve_scale=s.preserve_scale)
-    layers = edit_layers(model, s.layers)
-    out = {}
-    for name, W in tqdm(layers.items(), desc="layers", disable=not progress, leave=False):
-        up, down = sol.layer_factors(W.detach())
-        out[name] = LayerDelta(up.float(), down.float()).compact()
-    meta = delta_metadata(
-        model, plan, "uce", out, t0,
-        alphas=alphas or {},
-        n_edit_keys=int(K.shape[0]),
-        n_preserve_keys=0 if P is None else int(P.shape[0]),
-        condition=sol.report.condition,
-        ridge=sol.report.jitter,
-        seconds={"keys": round(t_keys, 4)},
-    )
+    out, stats, t_keys = {}, {}, 0.0
+    for space, (layers, encs) in key_spaces(model, plan).items():
+        t1 = time.perf_counter()
+        K, T, w, P = space_keys(model, plan, encs, alphas)
+        t_keys += time.perf_counter() - t1
+        sol = uce_solve(K, T, P, lam=s.lam, erase_scale=w, preserve_scale=s.preserve_scale)
+        for name, W in tqdm(layers.items(), desc="layers", disable=not progress, leave=False):
+            up, down = sol.layer_factors(W.detach())
+            out[name] = LayerDelta(up.float(), down.float()).compact()
+        stats[space] = {"n_edit_keys": int(K.shape[0]), "n_preserve_keys": 0 if P is None else int(P.shape[0]),
+                        "condition": sol.report.condition, "ridge": sol.report.jitter}
+    extra = dict(stats["states"]) if list(stats) == ["states"] else {"key_spaces": stats}
+    if hasattr(model, "max_sequence_length"):
+        extra["max_sequence_length"] = model.max_sequence_length  # T5 keys depend on the padding
+    meta = delta_metadata(model, plan, "uce", out, t0, alphas=alphas or {}, seconds={"keys": round(t_keys, 4)}, **extra)
     return ConceptDelta(out, meta)

@@ -43,7 +43,14 @@ def kohya_prefix(component: str, family: str | None) -> str:
 
 
 def kohya_name(canonical: str, family: str | None) -> str:
+    """The LoRA key of a layer: kohya's ``lora_unet_…``/``lora_te…`` for UNet families. MMDiT
+    (``transformer.…``) layers keep their diffusers name, saved in diffusers' own LoRA format
+    (``lora_A``/``lora_B``): diffusers 0.42 loads no kohya file that holds only the text readers
+    (its FLUX converter drops them, it has none for SD3), and ComfyUI maps diffusers-format keys
+    of both families."""
     comp, _, path = canonical.partition(".")
+    if comp == "transformer":
+        return canonical
     return kohya_prefix(comp, family) + path.replace(".", "_")
 
 
@@ -77,9 +84,12 @@ def kohya_state_dict(delta: ConceptDelta, rank: int | None = None) -> tuple[dict
         key = kohya_name(canonical, family)
         names[key] = canonical
         # .clone(): layers may share one right factor in memory; safetensors stores each separately
-        tensors[f"{key}.lora_down.weight"] = ld.down.float().clone().contiguous()
-        tensors[f"{key}.lora_up.weight"] = ld.up.float().clone().contiguous()
-        tensors[f"{key}.alpha"] = torch.tensor(float(ld.rank))
+        down, up = ld.down.float().clone().contiguous(), ld.up.float().clone().contiguous()
+        if key == canonical:  # diffusers format: no alpha (scale 1)
+            tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = down, up
+        else:
+            tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = down, up
+            tensors[f"{key}.alpha"] = torch.tensor(float(ld.rank))
     return tensors, names, errors
 
 
@@ -180,11 +190,16 @@ PEFT_PARTS = {".lora_A.weight": "lora_down.weight", ".lora_B.weight": "lora_up.w
 
 
 def _kohya_groups(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """kohya keys ``<name>.<kind>`` -> {name: {kind: tensor}}."""
+    """kohya keys ``<name>.<kind>`` (and diffusers-format ``<module.path>.lora_A/B.weight``, which
+    MMDiT layers use) -> {name: {kind: tensor}}, kinds spelled as kohya's."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for k, t in tensors.items():
-        base, _, kind = k.partition(".")
-        groups.setdefault(base, {})[kind] = t
+        peft = next((sfx for sfx in PEFT_PARTS if k.endswith(sfx)), None)
+        if peft:
+            groups.setdefault(k[: -len(peft)], {})[PEFT_PARTS[peft]] = t
+        else:
+            base, _, kind = k.partition(".")
+            groups.setdefault(base, {})[kind] = t
     return groups
 
 

@@ -118,7 +118,7 @@ def _t5_encoder(d_model: int):
     cfg = T5Config(vocab_size=T5_VOCAB, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=4,
                    relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
                    pad_token_id=0, eos_token_id=1)
-    return T5EncoderModel(cfg)
+    return T5EncoderModel(cfg).eval()  # as from_pretrained returns it: no dropout
 
 
 def build_tiny_mmdit_pipeline(family: str = "flux", *, seed: int = 0):
@@ -133,7 +133,12 @@ def build_tiny_mmdit_pipeline(family: str = "flux", *, seed: int = 0):
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5TokenizerFast
+    from transformers import (
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        T5TokenizerFast,
+    )
 
     from .tokenizer_files import t5_tokenizer_dir
 
@@ -151,7 +156,7 @@ def build_tiny_mmdit_pipeline(family: str = "flux", *, seed: int = 0):
         transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
                                              pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
-        return FluxPipeline(scheduler=sched, vae=vae, text_encoder=clip, tokenizer=tok, text_encoder_2=t5,
+        return FluxPipeline(scheduler=sched, vae=vae, text_encoder=clip.eval(), tokenizer=tok, text_encoder_2=t5,
                             tokenizer_2=t5_tok, transformer=transformer)
     if family == "sd3":
         # CLIP-L (32) ‖ CLIP-G (48) states are zero-padded to the T5 width (96) and joined along tokens
@@ -161,8 +166,8 @@ def build_tiny_mmdit_pipeline(family: str = "flux", *, seed: int = 0):
         transformer = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, num_layers=1,
                                             attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
                                             joint_attention_dim=96, pooled_projection_dim=80, out_channels=4)
-        return StableDiffusion3Pipeline(scheduler=sched, vae=vae, text_encoder=clip_l, tokenizer=tok,
-                                        text_encoder_2=clip_g, tokenizer_2=CLIPTokenizer.from_pretrained(
+        return StableDiffusion3Pipeline(scheduler=sched, vae=vae, text_encoder=clip_l.eval(), tokenizer=tok,
+                                        text_encoder_2=clip_g.eval(), tokenizer_2=CLIPTokenizer.from_pretrained(
                                             str(clip_tokenizer_dir(pad_token="!"))),
                                         text_encoder_3=t5, tokenizer_3=t5_tok, transformer=transformer)
     raise ValueError("family must be 'flux' or 'sd3'")

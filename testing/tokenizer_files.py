@@ -105,7 +105,15 @@ def write_t5_tokenizer(out_dir: str | Path, *, vocab_size: int = T5_VOCAB, model
     (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2), metaspace pre-tokenisation and ``</s>`` appended, as
     T5's sentencepiece tokenizer does. Trained (``tokenizers``) on the whole words of CLIP's BPE
     table, so ordinary English words are single tokens or a few pieces; deterministic."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import T5TokenizerFast
 
     lines = gzip.open(open_clip_bpe_path()).read().decode("utf-8").split("\n")[1 : N_MERGES + 1]

@@ -46,6 +46,8 @@ def test_unknown_or_inconsistent_models_are_refused():
     with pytest.raises(UnknownFamilyError, match="unsupported model"):
         detect_family({"text_encoder": "openclip", "text_encoder_2": "openclip"})
     with pytest.raises(UnknownFamilyError, match="none"):
+        detect_family(encoders_from_keys(["vae.encoder.conv_in.weight"], "comfy_prefix"))
+    with pytest.raises(UnknownFamilyError, match="'t5'"):  # T5 alone is no family ConceptEdit knows
         detect_family(encoders_from_keys(["t5xxl.transformer.encoder.block.0.weight"], "comfy_prefix"))
 
 

@@ -1,0 +1,135 @@
+"""FLUX and SD3 (MMDiT) editing on tiny pipelines built from configs: the family table, keys as the
+transformer reads them, UCE through the context and pooled-text embedders (biases kept out of the
+solve), LoRA files diffusers loads, and the CLI end to end."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from concept_edit.adapters.diffusers_model import editable_model
+from concept_edit.adapters.mmdit_model import MMDiTModel
+from concept_edit.core.apply import apply_delta
+from concept_edit.core.plan import plan_from_dict
+from concept_edit.core.prompts import Prompt
+from concept_edit.engines.registry import compute_delta
+from concept_edit.files.formats import load_delta, save_lora
+from concept_edit.testing.tiny_models import build_tiny_mmdit_pipeline
+
+MSL = 32  # T5 padding length for the tests (the real pipelines use 512 / 256)
+CTX = "transformer.context_embedder"
+POOL = "transformer.time_text_embed.text_embedder.linear_1"
+
+
+@pytest.fixture(scope="module", params=["flux", "sd3"])
+def mmdit(request):
+    pipe = build_tiny_mmdit_pipeline(request.param)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, MMDiTModel(pipe, max_sequence_length=MSL)
+
+
+def _plan(**kw):
+    return plan_from_dict({"method": "uce", "edits": [{"erase": "Van Gogh", "guide": "art"}],
+                           "preserve": ["Claude Monet", "a red apple"], **kw})
+
+
+def test_family_and_keys_are_what_the_transformer_reads(mmdit):
+    pipe, m = mmdit
+    assert m.family == type(pipe).__name__.replace("Pipeline", "").replace("StableDiffusion3", "sd3").lower()
+    assert isinstance(editable_model(pipe), MMDiTModel)
+    text = "a painting by Van Gogh"
+    states, pooled = m.encode([text])[text]
+    if m.family == "flux":
+        ref_states, ref_pooled, _ = pipe.encode_prompt(text, prompt_2=None, max_sequence_length=MSL)
+    else:
+        ref_states, _, ref_pooled, _ = pipe.encode_prompt(text, prompt_2=None, prompt_3=None,
+                                                          do_classifier_free_guidance=False, max_sequence_length=MSL)
+    torch.testing.assert_close(states, ref_states[0].float().detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pooled, ref_pooled[0].float().detach(), atol=1e-5, rtol=1e-5)
+    p = Prompt(text, len(text))
+    t5 = m.t5_tokenizer(text).input_ids
+    assert m.t5_tokenizer.convert_ids_to_tokens(t5[m.t5_index(p)]) == "gh"  # "▁Go" "gh": the last piece of the name
+    spaces = m.key_spaces()
+    assert set(spaces["states"][0]) == {CTX} and set(spaces["pooled"][0]) == {POOL}
+    assert len(spaces["states"][1]) == (1 if m.family == "flux" else 2)  # SD3: a CLIP row and a T5 row
+
+
+def test_edit_reaches_its_target_and_keeps_preserved_outputs_biases_included(mmdit):
+    """With a small ridge the edited readers map the concept's keys to the guide's outputs and
+    leave the preserved prompts' outputs (weight and bias) where they were."""
+    pipe, m = mmdit
+    delta = compute_delta(m, _plan(**{"lambda": 1e-4}), progress=False)
+    assert set(delta.layers) == {CTX, POOL}
+    spaces = m.key_spaces()
+    for space, (layers, encs) in spaces.items():
+        (name, W), = layers.items()
+        lin = pipe.transformer.get_submodule(name[len("transformer."):])
+        assert lin.bias is not None
+        D = delta.layers[name].dense()
+        for enc in encs:
+            (k_src, k_dst, k_keep1, k_keep2), _ = enc.last_token_keys(
+                [Prompt("Van Gogh", 8), Prompt("art", 3), Prompt("Claude Monet", 12), Prompt("a red apple", 11)])
+            out = lambda k, dW: (W.detach() + dW) @ k + lin.bias.detach()  # noqa: E731
+            target = out(k_dst, 0)
+            assert (out(k_src, D) - target).norm() < 1e-2 * target.norm(), (space, name)
+            for k in (k_keep1, k_keep2):
+                assert (out(k, D) - out(k, 0)).norm() < 1e-3 * out(k, 0).norm(), (space, name)
+    assert delta.metadata["family"] == m.family and delta.metadata["max_sequence_length"] == MSL
+    assert set(delta.metadata["key_spaces"]) == {"states", "pooled"}
+
+
+def test_settings_the_mmdit_readers_cannot_use_are_refused(mmdit):
+    _, m = mmdit
+    with pytest.raises(ValueError, match="token 'last'"):
+        compute_delta(m, _plan(token="aligned"), progress=False)
+    with pytest.raises(ValueError, match="layers"):
+        compute_delta(m, _plan(layers="v"), progress=False)
+
+
+def test_lora_file_loads_in_diffusers_and_reproduces_the_edit(mmdit, tmp_path):
+    pipe, m = mmdit
+    delta = compute_delta(m, _plan(), progress=False)
+    path = tmp_path / "edit.safetensors"
+    save_lora(delta, path)
+    back = load_delta(path)
+    for n, ld in delta.layers.items():
+        torch.testing.assert_close(back.layers[n].dense(), ld.dense())
+    kw = dict(num_inference_steps=2, height=32, width=32, output_type="np", max_sequence_length=MSL, guidance_scale=1.0)
+    handle = apply_delta(delta, m.weights(delta.layers), model=m)
+    try:
+        ours = pipe("a painting by Van Gogh", generator=torch.Generator().manual_seed(0), **kw).images
+    finally:
+        handle.remove()
+    plain = pipe("a painting by Van Gogh", generator=torch.Generator().manual_seed(0), **kw).images
+    pipe.load_lora_weights(str(path), adapter_name="ce")
+    try:
+        theirs = pipe("a painting by Van Gogh", generator=torch.Generator().manual_seed(0), **kw).images
+    finally:
+        pipe.unload_lora_weights()
+    assert abs(ours - theirs).max() < 1e-4 and abs(ours - plain).max() > 1e-3
+
+
+def test_cli_edit_info_apply_export(tmp_path):
+    from concept_edit.adapters.diffusers_model import load_pipeline
+    from concept_edit.cli.main import main
+
+    pipe = build_tiny_mmdit_pipeline("flux")
+    src = tmp_path / "flux"
+    pipe.save_pretrained(str(src))
+    out = tmp_path / "erase.safetensors"
+    assert main(["edit", "--model", str(src), "--erase", "Van Gogh", "--preserve", "Monet", "-o", str(out)]) == 0
+    info = load_delta(out)
+    assert set(info.layers) == {CTX, POOL} and info.metadata["family"] == "flux"
+    assert info.metadata["max_sequence_length"] == 512  # FluxPipeline's default
+    assert main(["info", str(out)]) == 0
+    grid = tmp_path / "grid.png"
+    assert main(["apply", "--model", str(src), str(out), "--steps", "1", "-o", str(grid)]) == 0 and grid.exists()
+    exported = tmp_path / "edited"
+    assert main(["export", "--model", str(src), str(out), "-o", str(exported)]) == 0
+    assert json.loads((exported / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
+    edited = load_pipeline(exported)
+    for name, ld in info.layers.items():
+        sub = name[len("transformer."):]
+        w0 = pipe.transformer.get_submodule(sub).weight.detach()
+        w1 = edited.transformer.get_submodule(sub).weight.detach()
+        torch.testing.assert_close(w1 - w0, ld.dense(), atol=1e-5, rtol=0)
