@@ -163,8 +163,9 @@ def build_tiny_mmdit_pipeline(family: str = "flux", *, seed: int = 0):
         clip_l = CLIPTextModelWithProjection(_clip_config(32, projection=32))
         clip_g = CLIPTextModelWithProjection(_clip_config(48, projection=48, act="gelu"))
         t5 = _t5_encoder(96)
+        # width 64 = 64 x depth 1: the shape ComfyUI's SD3 (MMDiT) class derives from a checkpoint
         transformer = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, num_layers=1,
-                                            attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                            attention_head_dim=16, num_attention_heads=4, caption_projection_dim=64,
                                             joint_attention_dim=96, pooled_projection_dim=80, out_channels=4)
         return StableDiffusion3Pipeline(scheduler=sched, vae=vae, text_encoder=clip_l.eval(), tokenizer=tok,
                                         text_encoder_2=clip_g.eval(), tokenizer_2=CLIPTokenizer.from_pretrained(
