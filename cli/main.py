@@ -30,6 +30,11 @@ def _load(args, *, lazy: bool = False):
         if not args.config:
             raise ModelLoadError(f"loading the single file {Path(path).name} needs --config DIR: a local diffusers "
                                  "folder of the same architecture; no model hub is reachable")
+        index = Path(args.config) / "model_index.json"
+        if index.exists() and json.loads(index.read_text()).get("_class_name") in ("FluxPipeline", "StableDiffusion3Pipeline"):
+            from ..adapters.mmdit_single_file import MMDiTSingleFile
+
+            return path, None, MMDiTSingleFile(path, args.config, autocast_dtype=autocast)
         return path, None, SingleFileModel(path, args.config, autocast_dtype=autocast)
     pipe = load_pipeline(path, config=args.config, allow_pickle=args.allow_pickle)
     return path, pipe, editable_model(pipe, autocast_dtype=autocast)

@@ -101,6 +101,13 @@ def export_single_file(source: str | Path | None, pipe, model, delta: ConceptDel
     if src is not None and src.is_file():
         if dtype is not None:
             raise ValueError("dtype conversion is only supported when exporting from a pipeline")
+        if getattr(model, "readers", None):  # MMDiT: the text readers are whole tensors under known names
+            from ..adapters.mmdit_single_file import reader_file_keys
+
+            header, _ = read_safetensors_header(src)
+            where = reader_file_keys(header, model.family)
+            return _stream_bake(src, {where[n]: [(None, n)] for n in delta.layers}, {}, delta, out_path,
+                                scale=scale, overwrite=overwrite)
         return _bake_single_file(src, _layout_source(model, pipe), delta, out_path, scale=scale, overwrite=overwrite)
     if pipe is None:
         pipe = getattr(model, "pipe", None)
@@ -117,8 +124,8 @@ def export_single_file(source: str | Path | None, pipe, model, delta: ConceptDel
 
 def _bake_single_file(source: Path, layout_source, delta: ConceptDelta, out_path: Path, *, scale: float,
                       overwrite: bool) -> Path:
-    header, data_start = read_safetensors_header(source)
-    meta = dict(header.pop("__metadata__", None) or {})
+    header, _ = read_safetensors_header(source)
+    header.pop("__metadata__", None)
     family = single_file_family(pipeline_configs(layout_source) if is_pipeline(layout_source) else layout_source, header)
     comps = sorted({n.partition(".")[0] for n in delta.layers})
     bad = [c for c in comps if c not in ("unet",) + TEXT_ENCODERS]
@@ -135,6 +142,16 @@ def _bake_single_file(source: Path, layout_source, delta: ConceptDelta, out_path
         e, i = hit
         bake.setdefault(e.key, []).append((i, name))
         entry_of[e.key] = e
+    return _stream_bake(source, bake, entry_of, delta, out_path, scale=scale, overwrite=overwrite)
+
+
+def _stream_bake(source: Path, bake: dict[str, list], entry_of: dict[str, Entry], delta: ConceptDelta,
+                 out_path: Path, *, scale: float, overwrite: bool) -> Path:
+    """Copy ``source`` tensor by tensor into ``out_path``, adding the delta to the tensors in
+    ``bake`` ({file key: [(part index, layer name)]}; a key without an ``entry_of`` entry is one
+    whole layer)."""
+    header, data_start = read_safetensors_header(source)
+    meta = dict(header.pop("__metadata__", None) or {})
     order = sorted(header, key=lambda k: header[k]["data_offsets"][0])
     specs = [(k, header[k]["dtype"], header[k]["shape"]) for k in order]
     meta["concept_edit"] = "baked:" + str(delta.metadata.get("base_fingerprint"))
@@ -145,13 +162,14 @@ def _bake_single_file(source: Path, layout_source, delta: ConceptDelta, out_path
                 a, b = header[key]["data_offsets"]
                 copy_range(raw, f, data_start + a, b - a)
                 return
-            e = entry_of[key]
+            e = entry_of.get(key)
             t = st.get(key)
-            parts = e.split(t)
+            parts = e.split(t) if e else [t]
             for i, name in bake[key]:
+                i = i or 0
                 w = parts[i]
                 parts[i] = (w.float() + scale * delta.layers[name].dense()).to(w.dtype)
-            new = e.combine(parts).to(t.dtype)
+            new = (e.combine(parts) if e else parts[0]).to(t.dtype)
             if new.shape != t.shape:
                 raise ValueError(f"{key}: baked shape {tuple(new.shape)} != {tuple(t.shape)}")
             f.write(tensor_bytes(new))

@@ -133,3 +133,55 @@ def test_cli_edit_info_apply_export(tmp_path):
         w0 = pipe.transformer.get_submodule(sub).weight.detach()
         w1 = edited.transformer.get_submodule(sub).weight.detach()
         torch.testing.assert_close(w1 - w0, ld.dense(), atol=1e-5, rtol=0)
+
+
+def _original_layout_file(pipe, family: str, path, prefix: str):
+    """The transformer as an original-layout file: the text readers under their original names
+    (FLUX txt_in / vector_in, SD3 context_embedder / y_embedder), the rest under a stand-in name."""
+    from concept_edit.adapters.families import FAMILIES
+    from safetensors.torch import save_file
+
+    original = {r.module[len("transformer."):] + ".weight": r.original + ".weight" for r in FAMILIES[family].text_readers}
+    sd = {prefix + original.get(k, "other." + k): v.detach().clone().contiguous()
+          for k, v in pipe.transformer.state_dict().items()}
+    save_file(sd, str(path))
+    return sd
+
+
+@pytest.mark.parametrize("family,prefix", [("flux", ""), ("sd3", "model.diffusion_model.")])
+def test_single_file_reads_only_the_text_readers_and_bakes_them(family, prefix, tmp_path, monkeypatch):
+    from concept_edit.adapters import safetensors_stream
+    from concept_edit.adapters.mmdit_single_file import MMDiTSingleFile
+    from concept_edit.cli.main import main
+    from safetensors.torch import load_file
+
+    pipe = build_tiny_mmdit_pipeline(family)
+    folder = tmp_path / "pipe"
+    pipe.save_pretrained(str(folder))
+    src = tmp_path / f"{family}.safetensors"
+    sd = _original_layout_file(pipe, family, src, prefix)
+    read = []
+    get = safetensors_stream.SafetensorsReader.get
+    monkeypatch.setattr(safetensors_stream.SafetensorsReader, "get", lambda self, k, *a: read.append(k) or get(self, k, *a))
+    lazy = MMDiTSingleFile(src, folder, max_sequence_length=MSL)
+    assert not hasattr(lazy.pipe.transformer, "forward")  # config only: the transformer is never built
+    plan = _plan()
+    d_lazy = compute_delta(lazy, plan, progress=False)
+    readers = {prefix + ("txt_in" if family == "flux" else "context_embedder") + ".weight",
+               prefix + ("vector_in.in_layer" if family == "flux" else "y_embedder.mlp.0") + ".weight"}
+    assert set(read) == readers
+    d_full = compute_delta(MMDiTModel(pipe, max_sequence_length=MSL), plan, progress=False)
+    assert d_lazy.metadata["base_fingerprint"] == d_full.metadata["base_fingerprint"]
+    for n in d_full.layers:
+        torch.testing.assert_close(d_lazy.layers[n].dense(), d_full.layers[n].dense(), atol=1e-6, rtol=1e-5)
+    # CLI: edit the single file, bake into a new one; only the two readers change, by the delta
+    lora, out = tmp_path / "e.safetensors", tmp_path / "baked.safetensors"
+    common = ["--model", str(src), "--config", str(folder)]
+    assert main(["edit", *common, "--erase", "Van Gogh", "-o", str(lora)]) == 0
+    assert main(["export", *common, str(lora), "-o", str(out)]) == 0
+    baked, delta = load_file(str(out)), load_delta(lora)
+    changed = {k for k in sd if not torch.equal(baked[k], sd[k])}
+    assert changed == readers and set(baked) == set(sd)
+    for k in readers:
+        name = next(n for n in delta.layers if lazy.file_key(n) == k)
+        torch.testing.assert_close(baked[k] - sd[k], delta.layers[name].dense(), atol=1e-6, rtol=0)
