@@ -42,6 +42,9 @@ def unknown_words(model, concepts) -> list[str]:
 def compute_delta(model, plan: EditPlan, **kw) -> ConceptDelta:
     """The delta of ``plan`` on ``model`` by ``plan.method``; warns about concept words the
     model's tokenizer spells letter by letter (the edit then targets letter tokens)."""
+    if hasattr(model, "key_spaces") and plan.method != "uce":  # MMDiT families (FLUX, SD3)
+        raise PlanError(f"method {plan.method!r} does not support {model.family} models yet; use uce "
+                        "(it edits their context and pooled-text embedders)")
     unknown = unknown_words(model, [e.source for e in plan.edits])
     if unknown:
         warnings.warn(f"this model's tokenizer does not know these words and spells them letter by letter: "

@@ -84,6 +84,9 @@ def test_settings_the_mmdit_readers_cannot_use_are_refused(mmdit):
         compute_delta(m, _plan(token="aligned"), progress=False)
     with pytest.raises(ValueError, match="layers"):
         compute_delta(m, _plan(layers="v"), progress=False)
+    for method in ("emcid", "nullspace", "emcid+uce"):
+        with pytest.raises(ValueError, match=f"does not support {m.family} models yet; use uce"):
+            compute_delta(m, plan_from_dict({"method": method, "edits": [{"erase": "Van Gogh"}]}), progress=False)
 
 
 def test_lora_file_loads_in_diffusers_and_reproduces_the_edit(mmdit, tmp_path):
