@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import warnings
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..adapters.text_encoder import (
     TEXT_STATES,
@@ -41,7 +39,9 @@ from ..adapters.text_encoder import (
     run_encoder,
 )
 from ..core.atomic import atomic_path
+from ..core.cache import cache_root
 from ..core.delta import fingerprint
+from ..core.progress import tqdm
 
 DEFAULT_CAPTIONS = [
     "a photo of a dog running on the beach", "a cat sleeping on a sofa", "a bowl of fruit on a wooden table",
@@ -91,7 +91,9 @@ def model_fingerprint(model) -> str:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("CONCEPT_EDIT_CACHE", Path.home() / ".cache" / "concept_edit")) / "covariance"
+    """``covariance/`` under the cache root: ``$CONCEPT_EDIT_CACHE``, the host's folder (ComfyUI:
+    ``models/concept_edit``) or ``~/.cache/concept_edit`` (core/cache.py)."""
+    return cache_root() / "covariance"
 
 
 def load_captions(source) -> list[str]:
