@@ -37,7 +37,7 @@ def _encoders(csm) -> list | None:
 
 def _reproducible(enc) -> bool:
     """``enc`` runs SDClipModel's own code on ComfyUI's CLIPTextModel, with no attention mask
-    and no zeroed padding (both would make positions after EOS differ)."""
+    and no zeroed padding (both would make positions after EOS differ), reading one layer."""
     from comfy import clip_model, sd1_clip
 
     t = type(enc)
@@ -46,7 +46,8 @@ def _reproducible(enc) -> bool:
             and all(getattr(t, m) is getattr(sd1_clip.SDClipModel, m) for m in ("encode", "forward", "process_tokens"))
             and type(enc.transformer) is clip_model.CLIPTextModel
             and type(enc.transformer.text_model) is clip_model.CLIPTextModel_
-            and not enc.enable_attention_masks and not enc.zero_out_masked)
+            and not enc.enable_attention_masks and not enc.zero_out_masked
+            and enc.layer != "all")  # "all" is fixed at construction; the others are set per call
 
 
 class PrefixCLIP:

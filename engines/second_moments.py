@@ -242,8 +242,10 @@ def second_moments(
     n_truncated = int(meta.get("n_truncated", 0))
     missing = [n for n in names if n not in cached]
     if missing:
-        for g in range(0, len(missing), max(1, layers_per_pass)):
-            group = missing[g : g + max(1, layers_per_pass)]
+        step = max(1, layers_per_pass)
+        # one bar over the passes (each pass's batches fold into it), not one bar per pass
+        for g in tqdm(range(0, len(missing), step), desc="C0 passes", disable=not progress or len(missing) <= step, leave=False):
+            group = missing[g : g + step]
             new, new_counts, n_truncated = caption_moments(model, captions, group, batch_size=batch_size, positions=positions,
                                                            progress=progress)
             cached.update(new)

@@ -116,3 +116,19 @@ def test_cache_root_precedence(monkeypatch, tmp_path, tiny):
     monkeypatch.delenv("CONCEPT_EDIT_CACHE")
     assert cache_root() == tmp_path / "home" / ".cache" / "concept_edit"
     assert not (tmp_path / "home").exists()
+
+
+def test_c0_passes_show_as_one_bar(tiny, tmp_path):
+    """C0 over several layer groups is one phase whose batches fold into it."""
+    from concept_edit.adapters import text_encoder as te
+    from concept_edit.engines import second_moments as cv
+
+    _, model = tiny("sd1")
+    names = [te.fc2_name("text_encoder", i) for i in (0, 1, 2)]
+    events = []
+    with reporting(lambda d, t, s: events.append((d, t, s))):
+        cv.second_moments(model, names, ["a cat", "a dog", "a car"], cache_dir=tmp_path, batch_size=2,
+                          layers_per_pass=1, progress=False)
+    check_phases(events)
+    assert [ph[0][1:] for ph in phases(events)] == [(3, "C0 passes")]
+    assert [d for d, _, _ in events] == [0, 0.5, 1, 1.5, 2, 2.5, 3]
