@@ -9,9 +9,10 @@ ComfyUI objects carry *patches* (LoRAs, earlier concept edits, model merges) on 
 checkpoint's weights. This adapter computes every edit against the **effective** weights — the
 weights ComfyUI itself would sample with, patches included — for both halves of the model:
 
-* keys come from ``clip.encode_from_tokens`` on the CLIP as wired into the edit node (its LoRAs,
-  its CLIP-skip setting and any text-encoder edits applied), i.e. exactly the text states the
-  UNet will read;
+* keys are the states ``clip.encode_from_tokens`` gives on the CLIP as wired into the edit node
+  (its LoRAs, its CLIP-skip setting and any text-encoder edits applied), i.e. exactly the text
+  states the UNet will read — computed by ComfyUI's own CLIP modules on each prompt's real-length
+  prefix (``comfy_clip.py``);
 * the cross-attention ``W0`` of each layer is the checkpoint weight with the MODEL's patches
   applied (``comfy.lora.calculate_weight``), at full float32 precision.
 
@@ -27,7 +28,9 @@ import re
 
 import torch
 
+from ..core.progress import tqdm
 from .base import CROSS_ATTN_SUFFIXES, EditableModel, PromptTooLongError, content_ids
+from .comfy_clip import prefix_clip
 from .families import FAMILIES, UnknownFamilyError, encoders_from_keys
 from .families import detect_family as _detect_family
 
@@ -127,9 +130,14 @@ class ComfyEditableModel(EditableModel):
 
     ``family`` sd1/sd2/sdxl, ``key_dim`` = UNet context width, ``max_tokens`` = 77,
     ``tokenizer`` = the HF CLIPTokenizer ComfyUI itself uses (clip_l's, or clip_h's for SD 2.x).
+
+    ``prefix`` (default True): encode each id sequence at its real length on ComfyUI's own CLIP
+    modules, batched by length (:mod:`.comfy_clip`); ``encoding`` says which path is in use:
+    "prefix", or "full" (every sequence padded to 77 through ``clip.encode_from_tokens``: with
+    ``prefix=False``, or for a CLIP whose encoding :mod:`.comfy_clip` does not reproduce).
     """
 
-    def __init__(self, model_patcher, clip, *, base: str = "patched", batch_size: int = 32):
+    def __init__(self, model_patcher, clip, *, base: str = "patched", batch_size: int = 64, prefix: bool = True):
         if base not in ("patched", "original"):
             raise ValueError("base must be 'patched' or 'original'")
         if clip is None:
@@ -151,6 +159,8 @@ class ComfyEditableModel(EditableModel):
         self._clip_names: dict[str, str] | None = None
         self._cache: dict[str, torch.Tensor] = {}
         self._states: dict[tuple, torch.Tensor] = {}  # encodings of this CLIP, per id sequence
+        self._prefix = prefix_clip(clip) if prefix else None
+        self.encoding = "prefix" if self._prefix is not None else "full"
 
     # -- tokens ---------------------------------------------------------------
     def token_ids(self, text: str) -> list[int]:
@@ -173,40 +183,41 @@ class ComfyEditableModel(EditableModel):
     # -- encoding -------------------------------------------------------------
     @torch.no_grad()
     def encode_ids(self, id_lists: list[list[int]]) -> list[torch.Tensor]:
-        """The text states ComfyUI feeds the UNet for each full id sequence (BOS first), float32.
+        """The text states ComfyUI feeds the UNet for each full id sequence (BOS first), float32,
+        each computed once per adapter (cached per sequence).
 
-        ComfyUI's CLIP always runs 77 positions, so each sequence is right-padded to 77 and cut
-        back: CLIP is causal, so the padding never changes earlier positions. Sequences go
-        through ``clip.encode_from_tokens`` in chunks, as separate sections (each encoded on its
-        own, concatenated along the token axis).
+        Sequences are grouped by length and each group runs at its own length on ComfyUI's CLIP
+        modules (CLIP is causal: a prefix's states are the 77-token encoding's first rows), in
+        chunks of ``batch_size``; the "full" path pads each to 77 for ``clip.encode_from_tokens``.
         """
         L = self.max_tokens
-        eos = self.tokenizer.eos_token_id
-        out: list[torch.Tensor | None] = [None] * len(id_lists)
-        todo = []
-        for i, ids in enumerate(id_lists):
-            hit = self._states.get(tuple(ids))
-            if hit is not None:
-                out[i] = hit
-            else:
-                todo.append(i)
-        for start in range(0, len(todo), self.batch_size):
-            chunk = todo[start : start + self.batch_size]
-            tokens = {}
-            for s in self._streams:
-                rows = []
-                for i in chunk:
-                    ids = list(id_lists[i])
-                    if len(ids) > L:
-                        raise PromptTooLongError(str(ids), len(ids), L)
-                    rows.append([(t, 1.0) for t in self._stream_ids(ids + [eos] * (L - len(ids)), s)])
-                tokens[s] = rows
-            cond = self.clip.encode_from_tokens(tokens)
-            cond = cond.reshape(len(chunk), L, -1).float().cpu()
-            for r, i in enumerate(chunk):
-                out[i] = cond[r, : len(id_lists[i])].clone()
-                self._states[tuple(id_lists[i])] = out[i]
-        return out  # type: ignore[return-value]
+        todo: dict[tuple, None] = {}
+        for ids in id_lists:
+            if len(ids) > L:
+                raise PromptTooLongError(str(list(ids)), len(ids), L)
+            if tuple(ids) not in self._states:
+                todo[tuple(ids)] = None
+        if todo:
+            prefix = self._prefix is not None and self._prefix.prepare()
+            groups: dict[int, list[tuple]] = {}
+            for q in todo:  # one group per length on the prefix path; the full path pads all to L
+                groups.setdefault(len(q) if prefix else L, []).append(q)
+            chunks = [g[i : i + self.batch_size] for _, g in sorted(groups.items()) for i in range(0, len(g), self.batch_size)]
+            for chunk in tqdm(chunks, desc="encoding prompts", disable=len(chunks) < 8, leave=False):
+                rows = {s: [self._stream_ids(list(q), s) for q in chunk] for s in self._streams}
+                states = self._prefix.states(rows) if prefix else self._encode_full(rows)
+                for r, q in enumerate(chunk):
+                    self._states[q] = states[r, : len(q)].clone()
+        return [self._states[tuple(ids)] for ids in id_lists]
+
+    def _encode_full(self, rows: dict[str, list[list[int]]]) -> torch.Tensor:
+        """``clip.encode_from_tokens`` on rows padded to 77 (the exact, slow path), as separate
+        sections: each is encoded on its own and concatenated along the token axis."""
+        L, eos = self.max_tokens, self.tokenizer.eos_token_id
+        tokens = {s: [[(t, 1.0) for t in self._stream_ids(ids + [eos] * (L - len(ids)), s)] for ids in r]
+                  for s, r in rows.items()}
+        n = len(next(iter(rows.values())))
+        return self.clip.encode_from_tokens(tokens).reshape(n, L, -1).float().cpu()
 
     # -- layers ---------------------------------------------------------------
     def _names(self):

@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
+from ..core.progress import tqdm
 from .base import (
     CROSS_ATTN_SUFFIXES,
     EditableModel,

@@ -177,7 +177,8 @@ class TextEncoderSettings(StageISettings):
     corpus: typing.Any = _f(None, "caption corpus for C0: a list, a .txt/.json file, None (built-in captions)")
     cov_positions: str = _f("padded", "C0 token positions: all 77 padded positions the pipeline feeds, or real tokens only "
                             "(EMCID's official code, via the attention mask)", choices=("padded", "tokens"))
-    cov_cache_dir: str | None = _f(None, "cache folder for C0 (None: $CONCEPT_EDIT_CACHE or ~/.cache/concept_edit)")
+    cov_cache_dir: str | None = _f(None, "cache folder for C0 (None: covariance/ under $CONCEPT_EDIT_CACHE, else the host's "
+                                          "cache folder (ComfyUI: models/concept_edit), else ~/.cache/concept_edit)")
     c0_exclude_edited: bool = _f(True, "leave captions naming an edited concept out of C0", node=True)
     erase_scale: float = _f(1.0, "weight of the edited concepts' keys in the solve (a per-edit `weight` overrides it)", min=0.0)
     preserve_scale: float = _f(1.0, "weight of the preserved concepts' keys (each preserved prompt's key is kept like an "

@@ -11,11 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from tqdm.auto import tqdm
-
 from ..adapters.generate import generate
 from ..core.apply import apply_delta
 from ..core.plan import EditPlan
+from ..core.progress import tqdm
 from .uce import uce_delta
 
 # classify(images, attributes) -> index into attributes for each image

@@ -3,12 +3,12 @@ spreading of a wanted hidden-state change over several ``mlp.fc2`` layers, shall
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from ..adapters.text_encoder import fc2_name, subject_states, tokenize_prompts
 from ..core.apply import apply_delta
 from ..core.delta import ConceptDelta, LayerDelta
 from ..core.plan import EditPlan
+from ..core.progress import tqdm
 from ..core.prompts import Prompt, expand
 from ..solvers.emcid import spread_residual
 

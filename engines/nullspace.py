@@ -44,6 +44,7 @@ import torch
 from ..adapters.text_encoder import TEXT_STATES, fc2_name, resolve_layers
 from ..core.delta import ConceptDelta, LayerDelta
 from ..core.plan import EditPlan
+from ..core.progress import tqdm
 from ..core.prompts import expand
 from ..solvers.nullspace import EditHistory, null_space_projector, nullspace_solve_layer
 from .metadata import delta_metadata
@@ -89,7 +90,9 @@ def projectors(model, plan: EditPlan, names: list[str], *, progress: bool = True
         for n, m in pm.items():
             m = s.preserve_scale * m.double()
             C[n] = m if C[n] is None else C[n] + m
-    P = {n: null_space_projector(C[n], threshold=s.threshold, relative=s.relative) for n in names}
+    # one eigendecomposition per layer (3072 x 3072 for SD 1.x fc2): slow enough to show
+    P = {n: null_space_projector(C[n], threshold=s.threshold, relative=s.relative)
+         for n in tqdm(names, desc="null-space projectors", disable=not progress or len(names) < 2, leave=False)}
     return P, info
 
 

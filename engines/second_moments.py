@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import warnings
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..adapters.text_encoder import (
     TEXT_STATES,
@@ -41,7 +39,9 @@ from ..adapters.text_encoder import (
     run_encoder,
 )
 from ..core.atomic import atomic_path
+from ..core.cache import cache_root
 from ..core.delta import fingerprint
+from ..core.progress import tqdm
 
 DEFAULT_CAPTIONS = [
     "a photo of a dog running on the beach", "a cat sleeping on a sofa", "a bowl of fruit on a wooden table",
@@ -91,7 +91,9 @@ def model_fingerprint(model) -> str:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("CONCEPT_EDIT_CACHE", Path.home() / ".cache" / "concept_edit")) / "covariance"
+    """``covariance/`` under the cache root: ``$CONCEPT_EDIT_CACHE``, the host's folder (ComfyUI:
+    ``models/concept_edit``) or ``~/.cache/concept_edit`` (core/cache.py)."""
+    return cache_root() / "covariance"
 
 
 def load_captions(source) -> list[str]:
@@ -240,8 +242,10 @@ def second_moments(
     n_truncated = int(meta.get("n_truncated", 0))
     missing = [n for n in names if n not in cached]
     if missing:
-        for g in range(0, len(missing), max(1, layers_per_pass)):
-            group = missing[g : g + max(1, layers_per_pass)]
+        step = max(1, layers_per_pass)
+        # one bar over the passes (each pass's batches fold into it), not one bar per pass
+        for g in tqdm(range(0, len(missing), step), desc="C0 passes", disable=not progress or len(missing) <= step, leave=False):
+            group = missing[g : g + step]
             new, new_counts, n_truncated = caption_moments(model, captions, group, batch_size=batch_size, positions=positions,
                                                            progress=progress)
             cached.update(new)

@@ -36,7 +36,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..adapters.text_encoder import (
     TEXT_STATES,
@@ -49,6 +48,7 @@ from ..adapters.text_encoder import (
 )
 from ..core.atomic import atomic_path
 from ..core.delta import fingerprint
+from ..core.progress import tqdm
 from ..core.prompts import expand
 
 MODES = ("distill", "images", "text", "dest_hidden", "refine")

@@ -8,11 +8,11 @@ from __future__ import annotations
 import time
 
 import torch
-from tqdm.auto import tqdm
 
 from ..adapters.base import EditableModel
 from ..core.delta import ConceptDelta, LayerDelta
 from ..core.plan import EditPlan
+from ..core.progress import tqdm
 from ..core.prompts import Prompt, expand
 from ..solvers.uce import uce_solve
 from .keys import KeyEncoder

@@ -175,6 +175,7 @@ def edit_node(method_key: str, kind: str, model, clip, *, preserve: str = "", st
 
 def run_edit(model, clip, plan, *, strength: float = 1.0, base: str = "patched", site: str = "unet"):
     """Compute ``plan`` on (model, clip) and return the node result with its UI summary."""
+    from ..adapters.comfy_host import comfy_host
     from ..adapters.comfy_model import ComfyEditableModel, text_encoder_model
     from .patches import apply_to_comfy
 
@@ -183,7 +184,8 @@ def run_edit(model, clip, plan, *, strength: float = 1.0, base: str = "patched",
         base = "patched"  # the CLIP's own patches are always included
     else:
         em = ComfyEditableModel(model, clip, base=base)
-    delta = compute_delta(em, plan, progress=False)
+    with comfy_host():  # ComfyUI's progress bar (and Cancel) for every phase; caches in models/concept_edit
+        delta = compute_delta(em, plan, progress=False)
     delta.metadata.setdefault("comfyui", {})["base"] = base
     try:
         errors = residual_errors(em, plan, delta)
