@@ -172,7 +172,8 @@ def edit_node(method_key: str, kind: str, model, clip, *, preserve: str = "", st
 
 def run_edit(model, clip, plan, *, strength: float = 1.0, base: str = "patched", site: str = "unet"):
     """Compute ``plan`` on (model, clip) and return the node result with its UI summary."""
-    from ..adapters.comfy_model import ComfyEditableModel, text_encoder_model
+    from ..adapters.comfy_model import ComfyEditableModel
+    from ..adapters.comfy_text_encoder import text_encoder_model
     from .patches import apply_to_comfy
 
     if site == "text_encoder":
