@@ -98,9 +98,11 @@ def effective_weights(patcher, keys, *, base: str = "patched") -> dict[str, torc
     keys = list(keys)
     if not keys:
         return {}
-    # get_key_patches walks the whole state dict; filter by the common prefix to keep it cheap.
-    prefix = keys[0].split(".")[0] + "."
-    kp = patcher.get_key_patches(prefix) if _accepts_prefix(patcher) else patcher.get_key_patches()
+    # get_key_patches walks the whole state dict; filter by top-level prefix (SDXL's CLIP has two:
+    # clip_l., clip_g.) to keep it cheap.
+    kp = {}
+    for prefix in sorted({k.split(".")[0] + "." for k in keys}):
+        kp.update(patcher.get_key_patches(prefix) if _accepts_prefix(patcher) else patcher.get_key_patches())
     out = {}
     for k in keys:
         if k not in kp:
@@ -272,60 +274,10 @@ def _natural(s: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
-# ------------------------------------------------------------------ text-encoder methods (SD 1.x)
-class _StubUNet(torch.nn.Module):
-    """Stands in for the UNet in a text-encoder-only pipeline (only its config is read)."""
+def __getattr__(name):
+    # moved to comfy_text_encoder (which imports this module); still importable from here
+    if name in ("text_encoder_model", "_StubUNet"):
+        from . import comfy_text_encoder
 
-    def __init__(self, cross_attention_dim: int):
-        super().__init__()
-        from types import SimpleNamespace
-
-        self.config = SimpleNamespace(cross_attention_dim=cross_attention_dim)
-
-
-def text_encoder_model(clip, model_patcher=None):
-    """A :class:`DiffusersModel` over a transformers CLIPTextModel holding this CLIP's *effective*
-    weights (its patches applied), for the text-encoder methods (EMCID, null-space text-encoder
-    site), which hook the HF text encoder's layers.
-
-    SD 1.x only for now: its UNet reads CLIP-L's final (layer-normed) states, which a plain HF
-    CLIPTextModel reproduces; SD 2.x / SDXL read penultimate states with ComfyUI-specific layer
-    norms and padding and are refused rather than edited approximately. CLIP-skip set on the CLIP
-    (CLIPSetLastLayer) is refused for the same reason.
-    """
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from .diffusers_model import DiffusersModel
-
-    streams = list(clip.tokenize("").keys())
-    if streams != ["l"]:
-        raise ComfyModelError("text-encoder methods in ComfyUI support SD 1.x CLIP-L models only (for now); use UCE")
-    if getattr(clip, "layer_idx", None) not in (None, -1):
-        raise ComfyModelError("text-encoder methods read CLIP's final layer; remove CLIPSetLastLayer before this node")
-    prefix = "clip_l.transformer.text_model."
-    keys = [k for k in clip.patcher.model.state_dict().keys() if k.startswith(prefix)]
-    ws = effective_weights(clip.patcher, keys, base="patched")
-    sd = {k[len(prefix):]: v for k, v in ws.items()}
-    n_layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers."))
-    hidden = sd["embeddings.token_embedding.weight"].shape[1]
-    inter = sd["encoder.layers.0.mlp.fc1.weight"].shape[0]
-    cfg = CLIPTextConfig(
-        vocab_size=sd["embeddings.token_embedding.weight"].shape[0], hidden_size=hidden, intermediate_size=inter,
-        num_hidden_layers=n_layers, num_attention_heads=hidden // 64, max_position_embeddings=77,
-        hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
-    )
-    te = CLIPTextModel(cfg)
-    target = getattr(te, "text_model", te)
-    missing, unexpected = target.load_state_dict(sd, strict=False)
-    missing = [m for m in missing if "position_ids" not in m]
-    if missing:
-        raise ComfyModelError(f"could not map ComfyUI's CLIP onto a CLIPTextModel; missing {missing[:3]}")
-    te.eval().requires_grad_(False)
-    import copy
-    from types import SimpleNamespace
-
-    tok = copy.deepcopy(clip.tokenizer.clip_l.tokenizer)  # ComfyUI's own object stays untouched
-    tok.model_max_length = int(getattr(clip.tokenizer.clip_l, "max_length", 77))  # its config says 8192
-    ctx = int(_unet_config(model_patcher)["context_dim"]) if model_patcher is not None else hidden
-    pipe = SimpleNamespace(text_encoder=te, tokenizer=tok, unet=_StubUNet(ctx))
-    return DiffusersModel(pipe)
+        return getattr(comfy_text_encoder, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -108,6 +108,14 @@ def editable_model(pipe, *, autocast_dtype: torch.dtype | None = None):
     return DiffusersModel(pipe, autocast_dtype=autocast_dtype)
 
 
+def repad(ids: torch.Tensor, eos: int, pad: int) -> torch.Tensor:
+    """``ids`` (B x T) with every position after a row's first EOS set to ``pad`` (rows without EOS,
+    e.g. prefixes, unchanged): one padded id sequence as the pipeline feeds an encoder with that padding."""
+    is_eos = ids == eos
+    after = (is_eos.cumsum(-1) - is_eos.long()) > 0
+    return ids.masked_fill(after, pad)
+
+
 class DiffusersModel(EditableModel):
     """A StableDiffusion(XL)Pipeline seen through the EditableModel protocol."""
 
@@ -118,6 +126,9 @@ class DiffusersModel(EditableModel):
         te2 = getattr(pipe, "text_encoder_2", None)
         self.encoders = [pipe.text_encoder] + ([te2] if te2 is not None else [])
         self.tokenizer = pipe.tokenizer
+        # each encoder's padding token, as the pipeline pads for it (SDXL: EOS for encoder 1, "!" for 2)
+        toks = [pipe.tokenizer] + ([getattr(pipe, "tokenizer_2", None) or pipe.tokenizer] if te2 is not None else [])
+        self._pads = [t.pad_token_id if t.pad_token_id is not None else t.eos_token_id for t in toks]
         self.family = detect_family(encoders_from_configs({"text_encoder": pipe.text_encoder.config,
                                                            "text_encoder_2": te2.config if te2 is not None else None}))
         self.max_tokens = self.tokenizer.model_max_length
@@ -141,7 +152,8 @@ class DiffusersModel(EditableModel):
         """Hidden states the UNet reads (L_i x key_dim, float32) for full id sequences (BOS..).
 
         Each prompt costs only its real length: last-token keys need just the prefix up to the
-        subject (CLIP is causal), and batches group prompts of equal length.
+        subject (CLIP is causal), and batches group prompts of equal length. Each encoder sees the
+        positions after the first EOS as its own tokenizer pads them (SDXL's second pads with "!").
         """
         out: list[torch.Tensor | None] = [None] * len(id_lists)
         # Batches hold prompts of one exact length: no padding at all (CLIP is causal, so padding
@@ -161,7 +173,9 @@ class DiffusersModel(EditableModel):
         with ctx:
             for chunk in tqdm(chunks, desc="encoding prompts", disable=len(chunks) < 8, leave=False):
                 ids = torch.tensor([id_lists[i] for i in chunk], dtype=torch.long, device=dev)
-                hs = torch.cat([self._hidden(enc, ids).float() for enc in self.encoders], dim=-1)
+                eos = self.tokenizer.eos_token_id
+                hs = torch.cat([self._hidden(enc, repad(ids, eos, pad)).float() for enc, pad in zip(self.encoders, self._pads)],
+                               dim=-1)
                 for r, i in enumerate(chunk):
                     out[i] = hs[r].cpu()
         return out  # type: ignore[return-value]

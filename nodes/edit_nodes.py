@@ -176,7 +176,8 @@ def edit_node(method_key: str, kind: str, model, clip, *, preserve: str = "", st
 def run_edit(model, clip, plan, *, strength: float = 1.0, base: str = "patched", site: str = "unet"):
     """Compute ``plan`` on (model, clip) and return the node result with its UI summary."""
     from ..adapters.comfy_host import comfy_host
-    from ..adapters.comfy_model import ComfyEditableModel, text_encoder_model
+    from ..adapters.comfy_model import ComfyEditableModel
+    from ..adapters.comfy_text_encoder import text_encoder_model
     from .patches import apply_to_comfy
 
     if site == "text_encoder":
@@ -201,7 +202,7 @@ def edit_node_ids() -> dict[str, tuple[str, str, str, str]]:
     what saved workflows refer to: keep them."""
     out = {}
     for method, (label, _, kinds, _, site) in METHODS.items():
-        where = "the UNet's cross-attention" if site == "unet" else "the text encoder's MLP layers (SD 1.x)"
+        where = "the UNet's cross-attention" if site == "unet" else "the text encoders' MLP layers"
         for kind in kinds:
             node_id = f"ConceptEdit{label.replace('-', '').replace(' ', '')}{kind.capitalize()}"
             out[node_id] = (method, kind, f"{label} {kind.capitalize()} (ConceptEdit)",

@@ -33,6 +33,15 @@ def test_family_detected_and_last_token_key_matches_pipeline(tiny, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_padded_states_match_pipeline_at_every_position(tiny, family):
+    """All 77 positions, padding included: SDXL pads its second encoder with "!" (not EOS)."""
+    pipe, model = tiny(family)
+    text = "a painting by Van Gogh"
+    states = model.encode_ids([model.padded_ids(text)])[0]
+    torch.testing.assert_close(states, pipeline_states(pipe, model, text).float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_edit_maps_source_to_target_and_preserves(tiny, family):
     pipe, model = tiny(family)
     plan = plan_from_dict({
