@@ -153,6 +153,9 @@ def check_in_comfyui(family: str, path: Path) -> str:
            or (m.startswith("clip missing") and lv >= logging.WARNING)]
     assert not bad, bad[:3]
     assert clip is not None and vae is not None
+    status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+    print(f"loaded by ComfyUI: {int(status['RssAnon'].split()[0]) / 1024:.0f} MiB allocated, "
+          f"{int(status['RssFile'].split()[0]) / 1024:.0f} MiB of the file mapped")
     return type(model.model.model_config).__name__
 
 

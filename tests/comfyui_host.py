@@ -49,7 +49,7 @@ def family_checkpoint(family: str) -> Path:
                              env={**os.environ, "COMFYUI_PATH": str(comfy_path())}, cwd=str(comfy_path()),
                              capture_output=True, text=True, timeout=3600)
         assert out.returncode == 0 and ck.exists(), out.stdout[-2000:] + out.stderr[-4000:]
-        print(out.stdout.strip().splitlines()[-1])
+        print("\n".join(out.stdout.strip().splitlines()[-2:]))
     return ck
 
 

@@ -12,7 +12,7 @@ with the edited model is finite.
 Text-encoder methods (EMCID and the null-space text-encoder site, on one layer per encoder to
 keep the CPU time bounded): the rebuilt transformers encoders read the states ComfyUI feeds the
 UNet; CLIPSetLastLayer at the family's default is accepted and anything else refused; the CLIP
-clone is patched with exactly the delta's layers (SDXL: both encoders), W0 + delta, inputs
+clone is patched with exactly the delta's layers (SDXL: EMCID on both encoders), W0 + delta, inputs
 untouched; the erased concept's state moves and a preserved one's barely; the delta saved as
 a LoRA loads through ComfyUI (kohya ``lora_te_`` on clip_h, ``lora_te1_``/``lora_te2_`` on SDXL).
 """
@@ -33,10 +33,7 @@ COMMON = r'''
 import logging, tempfile, torch
 import comfy.sd, comfy.utils
 FAM, CK = sys.argv[1], sys.argv[2]
-CONFIG, KEY_DIM, N_XATTN, COMPONENTS = {
-    "sd2": ("SD20", 1024, 32, ["text_encoder"]),
-    "sdxl": ("SDXL", 2048, 140, ["text_encoder", "text_encoder_2"]),
-}[FAM]
+CONFIG, KEY_DIM, N_XATTN = {"sd2": ("SD20", 1024, 32), "sdxl": ("SDXL", 2048, 140)}[FAM]
 # SDXL's UNet in float16 (ComfyUI's --fp16-unet): 5 GB where ComfyUI's CPU default, float32, takes 10
 opts = {"dtype": torch.float16} if FAM == "sdxl" else {}
 model, clip = comfy.sd.load_checkpoint_guess_config(CK, output_vae=False, model_options=opts)[:2]
@@ -132,22 +129,23 @@ print("OK")
 TEXT_ENCODER = COMMON + r'''
 tem = import_module(pkg + ".adapters.comfy_text_encoder")
 ComfyModelError = import_module(pkg + ".adapters.comfy_model").ComfyModelError
+MONET = "a painting by monet"
+ref = {t: states(clip, t) for t in (TEXT, MONET)}  # each ComfyUI encoding of SDXL costs seconds on a CPU
 
 # 5. the rebuilt transformers encoders read the states ComfyUI feeds the UNet (ComfyUI computes
 # in float32 from its float16 weights; the rebuilt ones hold float32 copies of those)
 te = tem.text_encoder_model(clip, model)
 assert te.family == FAM and te.key_dim == KEY_DIM
-for text in (TEXT, "a photo of a cat, sitting on a red sofa"):
-    hf, ref = te.encode_ids([te.padded_ids(text)])[0], states(clip, text)
-    assert hf.shape == ref.shape and (hf - ref).abs().max() < 1e-4, (text, (hf - ref).abs().max())
+for t, x in ref.items():
+    hf = te.encode_ids([te.padded_ids(t)])[0]
+    assert hf.shape == x.shape and (hf - x).abs().max() < 1e-4, (t, (hf - x).abs().max())
 del te
 
-# 6. CLIPSetLastLayer: the family's default (-2) is what ComfyUI reads anyway; -1 is refused
-ref = states(clip, TEXT)
+# 6. CLIPSetLastLayer: the family's default (-2) is what ComfyUI reads anyway; -1 is another layer, refused
 at_default, at_last = clip.clone(), clip.clone()
 at_default.clip_layer(-2)
 at_last.clip_layer(-1)
-assert torch.equal(states(at_default, TEXT), ref) and not torch.allclose(states(at_last, TEXT), ref)
+assert torch.equal(states(at_default, TEXT), ref[TEXT])
 for s in em._streams:
     enc = getattr(clip.cond_stage_model, "clip_" + s)
     assert tem.comfy_read(enc, -2) == tem.comfy_read(enc, None) != tem.comfy_read(enc, -1)
@@ -157,28 +155,30 @@ try:
 except ComfyModelError as e:
     assert "CLIPSetLastLayer(-1)" in str(e) and "(or set it to -2)" in str(e), e
 
-# 7. EMCID and the null-space TE site through run_edit, one layer per encoder
-layers = {"sd2": [21], "sdxl": {"text_encoder": [9], "text_encoder_2": [29]}}[FAM]
+# 7. EMCID and the null-space TE site through run_edit, on one layer per encoder. SDXL: EMCID edits
+# both encoders; the null-space engine clip_l only (its projector is an eigendecomposition of the
+# fc2 input width, 5120 on clip_g: minutes on two cores; the clip_g mapping is EMCID's to check)
+LAYERS = {"sd2": {"emcid": [21], "nullspace_te": [21]},
+          "sdxl": {"emcid": {"text_encoder": [9], "text_encoder_2": [29]}, "nullspace_te": {"text_encoder": [9]}}}[FAM]
 clip_patches_before = dict(clip.patcher.patches)
-for key in ("emcid", "nullspace_te"):
+for key, layers in LAYERS.items():
     _, engine, _, options, site = METHODS[key]
     plan = common.make_plan(common.erase_edits("Van Gogh", "style", ""), engine, ["Monet"], ["a painting by {}"],
                             {**options, "layers": layers})
     out = run_edit(model, clip, plan, site=site)
     m4, c4, d4 = out["result"]
     assert m4 is model and c4 is not clip and clip.patcher.patches == clip_patches_before, key
-    names = sorted(d4.layers)
-    assert sorted({n.split(".")[0] for n in names}) == COMPONENTS, (key, names)
-    assert out["ui"]["concept_edit"][0]["components"] == {c: 1 for c in COMPONENTS}, out["ui"]
+    names, comps = sorted(d4.layers), sorted(layers) if isinstance(layers, dict) else ["text_encoder"]
+    assert sorted({n.split(".")[0] for n in names}) == comps and len(names) == len(comps), (key, names)
+    assert out["ui"]["concept_edit"][0]["components"] == {c: 1 for c in comps}, out["ui"]
     W4 = check_patched(ComfyEditableModel(model, c4), c4.patcher.patches, d4, names)
-    # the concept's state (at its last token) moves, the preserved one's barely
+    # the erased concept's state (at its last token) moves, the preserved one's barely
     moved = {}
-    for t in (TEXT, "a painting by monet"):
+    for t, x in ref.items():
         i = len(em.token_ids(t))  # BOS is position 0
-        x, y = states(clip, t)[i], states(c4, t)[i]
-        moved[t] = ((y - x).norm() / x.norm()).item()
+        moved[t] = ((states(c4, t)[i] - x[i]).norm() / x[i].norm()).item()
     print(key, moved)
-    assert moved[TEXT] > 0.05 and moved["a painting by monet"] < 0.1 * moved[TEXT], (key, moved)
+    assert moved[TEXT] > 0.05 and moved[MONET] < 0.1 * moved[TEXT], (key, moved)
     _, c5 = lora_round_trip(d4, 0.0, 1.0)
     W5 = ComfyEditableModel(model, c5).weights(names)
     for n in names:
