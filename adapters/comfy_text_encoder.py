@@ -27,6 +27,7 @@ from types import SimpleNamespace
 
 import torch
 
+from .comfy_clip import prefix_clip
 from .comfy_model import (
     ComfyModelError,
     _clip_keys,
@@ -123,8 +124,9 @@ def text_encoder_model(clip, model_patcher=None):
     module docstring), for the text-encoder methods (EMCID, null-space text-encoder site).
 
     SD 1.x, SD 2.x and SDXL. Refused: a CLIPSetLastLayer other than the family's default (SD 1.x
-    -1, SD 2.x and SDXL -2; a refusal names it), and any read ComfyUI makes that no CLIPTextModel
-    reproduces. Layer names are the library's: ``text_encoder.`` / ``text_encoder_2.`` (SDXL's clip_g).
+    -1, SD 2.x and SDXL -2; a refusal names it), a CLIP that ComfyUI encodes with other code than
+    its own SD1/SDXL CLIP classes (attention masks, zeroed padding: :func:`.comfy_clip.prefix_clip`),
+    and any read ComfyUI makes that no CLIPTextModel reproduces. Layer names are the library's: ``text_encoder.`` / ``text_encoder_2.`` (SDXL's clip_g).
     """
     from .diffusers_model import DiffusersModel
 
@@ -132,6 +134,9 @@ def text_encoder_model(clip, model_patcher=None):
         family = detect_family(model_patcher, clip)
     else:
         family = detect_from_encoders(encoders_from_keys(_clip_keys(clip), "comfy_prefix"))
+    if prefix_clip(clip) is None:  # not ComfyUI's own SD1/SDXL CLIP code (or masked / zeroed padding)
+        raise ComfyModelError(f"this CLIP ({type(clip.cond_stage_model).__name__}) encodes with code the text-encoder "
+                              "methods do not reproduce; use UCE")
     parts = {}
     for spec in FAMILIES[family].text_encoders:
         stream = spec.comfy_prefix.split(".")[0][len("clip_"):]

@@ -11,7 +11,7 @@ with the edited model is finite.
 
 Text-encoder methods (EMCID and the null-space text-encoder site, on one layer per encoder to
 keep the CPU time bounded): the rebuilt transformers encoders read the states ComfyUI feeds the
-UNet; CLIPSetLastLayer at the family's default is accepted and anything else refused; the CLIP
+UNet; CLIPSetLastLayer at the family's default is accepted, another layer or a masked CLIP refused; the CLIP
 clone is patched with exactly the delta's layers (SDXL: EMCID on both encoders), W0 + delta, inputs
 untouched; the erased concept's state moves and a preserved one's barely; the delta saved as
 a LoRA loads through ComfyUI (kohya ``lora_te_`` on clip_h, ``lora_te1_``/``lora_te2_`` on SDXL).
@@ -154,6 +154,16 @@ try:
     raise SystemExit("CLIPSetLastLayer(-1) was accepted")
 except ComfyModelError as e:
     assert "CLIPSetLastLayer(-1)" in str(e) and "(or set it to -2)" in str(e), e
+# a CLIP ComfyUI would encode with an attention mask (positions after EOS differ) is refused too
+enc = getattr(clip.cond_stage_model, "clip_" + em._streams[0])
+enc.enable_attention_masks = True
+try:
+    tem.text_encoder_model(clip, model)
+    raise SystemExit("a masked CLIP was accepted")
+except ComfyModelError as e:
+    assert "do not reproduce" in str(e), e
+finally:
+    enc.enable_attention_masks = False
 
 # 7. EMCID and the null-space TE site through run_edit, on one layer per encoder. SDXL: EMCID edits
 # both encoders; the null-space engine clip_l only (its projector is an eigendecomposition of the
