@@ -40,8 +40,8 @@ pkg = ce.__name__
 
 
 def family_checkpoint(family: str) -> Path:
-    """The random-weight ``family`` ("sd2" | "sdxl") checkpoint, built on first use (SD 2.x ~40 s
-    and 2.4 GiB, SDXL ~50 s and 6.5 GiB; float16) and cached in ``$COMFYUI_TEST_CACHE``."""
+    """The random-weight ``family`` ("sd2" | "sdxl") checkpoint, built on first use (float16; SD 2.x
+    2.4 GiB in ~20 s, SDXL 6.5 GiB in ~40 s on two cores) and cached in ``$COMFYUI_TEST_CACHE``."""
     CACHE.mkdir(parents=True, exist_ok=True)
     ck = CACHE / f"{family}_random_v{CHECKPOINT_VERSIONS[family]}.safetensors"
     if not ck.exists():
