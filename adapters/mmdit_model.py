@@ -28,6 +28,7 @@ import contextlib
 
 import torch
 
+from ..core.progress import tqdm
 from ..core.prompts import Prompt
 from .base import PromptTooLongError, canonical_text_path, text_module_path
 from .families import (
@@ -76,7 +77,8 @@ class MMDiTModel:
         return {t: self._cache[t] for t in texts}
 
     def _encode_batches(self, todo: list[str]) -> None:
-        for s in range(0, len(todo), self.batch_size):
+        starts = range(0, len(todo), self.batch_size)
+        for s in tqdm(starts, desc="encoding prompts", disable=len(starts) < 8, leave=False):
             chunk = todo[s : s + self.batch_size]
             if self.family == "flux":
                 states, pooled, _ = self.pipe.encode_prompt(chunk, prompt_2=None, max_sequence_length=self.max_sequence_length)

@@ -102,7 +102,7 @@ for n in names:
     assert torch.allclose(W3[n], W1[n], atol=1e-6), n
 
 # 6. text-encoder methods: the rebuilt HF encoder reads what ComfyUI reads; the nodes patch the CLIP
-text_encoder_model = import_module(pkg + ".adapters.comfy_model").text_encoder_model
+text_encoder_model = import_module(pkg + ".adapters.comfy_text_encoder").text_encoder_model
 te = text_encoder_model(clip, model)
 assert te.family == "sd1" and te.key_dim == 768
 hf = te.encode_ids([em.padded_ids(text)])[0]
