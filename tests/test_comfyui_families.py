@@ -7,7 +7,7 @@ key width and text states (= ``clip.encode_from_tokens``: SD 2.x clip_h penultim
 clip_l ‖ clip_g); exactly the cross-attention to_k/to_v are patched (32 / 140); the clone's
 effective weights are W0 + delta; inputs untouched; the saved LoRA loads through ComfyUI's
 ``load_lora_for_models`` with no key left over and gives the same weights; a 1-step 64x64 sample
-with the edited model is finite.
+with the edited model is finite; a delta made on an SD 1.x model is refused.
 
 Text-encoder methods (EMCID and the null-space text-encoder site, on one layer per encoder to
 keep the CPU time bounded): the rebuilt transformers encoders read the states ComfyUI feeds the
@@ -123,6 +123,19 @@ x = comfy.sample.sample(m2, comfy.sample.prepare_noise(latent, 0), 1, 7.0, "eule
                         [[pos, {"pooled_output": pooled}]], [[neg, {"pooled_output": npooled}]], latent, seed=0,
                         disable_pbar=True)
 assert x.shape == latent.shape and torch.isfinite(x).all(), x
+
+# 5. a delta made on an SD 1.x model (same layer names, 768-wide keys) is refused, not patched in
+#    (ComfyUI would only log shape errors at sampling and draw the unedited model)
+patches_mod = import_module(pkg + ".nodes.patches")
+delta_mod = import_module(pkg + ".core.delta")
+k_name = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+out_f = em.weights([k_name])[k_name].shape[0]
+sd1_delta = delta_mod.ConceptDelta({k_name: delta_mod.LayerDelta(torch.zeros(out_f, 1), torch.zeros(1, 768))}, {"family": "sd1"})
+try:
+    patches_mod.apply_to_comfy(sd1_delta, model, clip)
+    raise SystemExit("an SD 1.x delta was patched into an " + FAM + " model")
+except patches_mod.UnloadedKeysError as e:
+    assert "does not fit this model" in str(e) and "sd1" in str(e), e
 print("OK")
 '''
 
