@@ -98,6 +98,22 @@ def _refuse_pickled_components(folder: Path) -> None:
             )
 
 
+def pipeline_weights(pipe, names, family: str) -> dict[str, torch.nn.Parameter]:
+    """Canonical layer names (``component.module.path``) -> the pipeline's weight parameters.
+    (A T5 path never starts with ``text_model.``, so ``text_module_path`` leaves it alone.)"""
+    found = {}
+    for name in names:
+        comp, _, sub = name.partition(".")
+        owner = getattr(pipe, comp, None) or torch.nn.Module()
+        if comp.startswith("text_encoder"):
+            sub = text_module_path(owner, sub)
+        try:
+            found[name] = owner.get_submodule(sub).weight
+        except AttributeError as e:
+            raise KeyError(f"this {family} model does not have layer {name}") from e
+    return found
+
+
 def editable_model(pipe, *, autocast_dtype: torch.dtype | None = None):
     """The engines' view of a loaded pipeline: :class:`DiffusersModel` for the UNet families,
     :class:`.mmdit_model.MMDiTModel` for FLUX and SD3 (pipelines with a ``transformer``)."""
@@ -196,17 +212,7 @@ class DiffusersModel(EditableModel):
 
     def weights(self, names) -> dict[str, torch.nn.Parameter]:
         """Map canonical layer names (``component.module.path``) to their weight parameters."""
-        found = {}
-        for name in names:
-            comp, _, sub = name.partition(".")
-            owner = getattr(self.pipe, comp, None) or torch.nn.Module()
-            if comp.startswith("text_encoder"):
-                sub = text_module_path(owner, sub)
-            try:
-                found[name] = owner.get_submodule(sub).weight
-            except AttributeError as e:
-                raise KeyError(f"this {self.family} model does not have layer {name}") from e
-        return found
+        return pipeline_weights(self.pipe, names, self.family)
 
     def all_weights(self) -> dict[str, torch.nn.Parameter]:
         """Every Linear weight of the UNet and text encoders under canonical names."""

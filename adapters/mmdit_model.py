@@ -30,7 +30,8 @@ import torch
 
 from ..core.progress import tqdm
 from ..core.prompts import Prompt
-from .base import PromptTooLongError, canonical_text_path, text_module_path
+from .base import PromptTooLongError, canonical_text_path
+from .diffusers_model import pipeline_weights
 from .families import (
     ALL_TEXT_ENCODERS,
     FAMILIES,
@@ -127,19 +128,7 @@ class MMDiTModel:
 
     # -- layers ---------------------------------------------------------------
     def weights(self, names) -> dict[str, torch.nn.Parameter]:
-        found = {}
-        for name in names:
-            comp, _, sub = name.partition(".")
-            owner = getattr(self.pipe, comp, None)
-            if owner is None:
-                raise KeyError(f"this {self.family} model has no component {comp!r} (layer {name})")
-            if comp.startswith("text_encoder") and encoder_kind(owner.config) != "t5":
-                sub = text_module_path(owner, sub)
-            try:
-                found[name] = owner.get_submodule(sub).weight
-            except AttributeError as e:
-                raise KeyError(f"this {self.family} model does not have layer {name}") from e
-        return found
+        return pipeline_weights(self.pipe, names, self.family)
 
     def all_weights(self) -> dict[str, torch.nn.Parameter]:
         """Every Linear weight of the transformer and the text encoders, canonical names."""

@@ -24,6 +24,11 @@ Attention = io.Custom(CAPTURE_TYPE)
 SOCKETS = {"model": io.Model, "clip": io.Clip}
 
 
+def patched_outputs() -> list[io.Output]:
+    """What the edit nodes and Load Concept Delta return: patched clones and the delta."""
+    return [io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"), Delta.Output(display_name="delta")]
+
+
 def widget(name: str, spec: tuple, optional: bool) -> io.Input:
     """A V3 input from a host-neutral widget spec ``(type | [choices], options)``."""
     typ, opts = spec[0], dict(spec[1]) if len(spec) > 1 else {}
@@ -46,8 +51,7 @@ def _edit_node_class(node_id: str, method: str, kind: str, display: str, descrip
         inputs = [SOCKETS[n].Input(n) if spec is None else widget(n, spec, opt) for n, spec, opt in edit_inputs(method, kind)]
         return io.Schema(
             node_id=node_id, display_name=display, category=CATEGORY, description=description, inputs=inputs,
-            outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
-                     Delta.Output(display_name="delta")],
+            outputs=patched_outputs(),
         )
 
     def execute(cls, model, clip, **kw) -> io.NodeOutput:
@@ -101,8 +105,7 @@ class LoadConceptDelta(io.ComfyNode):
                 io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="Scale of the text-encoder part, as on a LoRA loader"),
             ],
-            outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
-                     Delta.Output(display_name="delta")],
+            outputs=patched_outputs(),
         )
 
     @classmethod

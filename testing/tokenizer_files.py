@@ -83,15 +83,19 @@ def clip_tokenizer_dir(cache_root: str | None = None, pad_token: str = "<|endoft
     """A cached tokenizer folder under :func:`default_cache_root` (or ``cache_root``)."""
     root = Path(cache_root) if cache_root else default_cache_root()
     name = "clip_tokenizer" if pad_token == "<|endoftext|>" else "clip_tokenizer_pad_bang"
-    d = root / name
-    if not (d / "merges.txt").exists():
-        # build next to it and rename: a concurrent run never sees a half-written folder
-        tmp = write_clip_tokenizer(root / f".{name}.{os.getpid()}.partial", pad_token=pad_token)
+    return _cached(root / name, "merges.txt", lambda tmp: write_clip_tokenizer(tmp, pad_token=pad_token))
+
+
+def _cached(d: Path, marker: str, write) -> Path:
+    """Folder ``d``, built by ``write(tmp)`` unless it has ``marker``: built next to it and renamed,
+    so a concurrent run never sees a half-written folder."""
+    if not (d / marker).exists():
+        tmp = write(d.parent / f".{d.name}.{os.getpid()}.partial")
         try:
             tmp.rename(d)
         except OSError:  # another process finished first
             shutil.rmtree(tmp, ignore_errors=True)
-            if not (d / "merges.txt").exists():
+            if not (d / marker).exists():
                 raise FileExistsError(f"{d} is an incomplete tokenizer folder; delete it to rebuild") from None
     return d
 
@@ -141,11 +145,4 @@ def write_t5_tokenizer(out_dir: str | Path, *, vocab_size: int = T5_VOCAB, model
 def t5_tokenizer_dir(cache_root: str | None = None) -> Path:
     """A cached T5-style tokenizer folder under :func:`default_cache_root` (or ``cache_root``)."""
     root = Path(cache_root) if cache_root else default_cache_root()
-    d = root / f"t5_tokenizer_{T5_VOCAB}"
-    if not (d / "tokenizer.json").exists():
-        tmp = write_t5_tokenizer(root / f".t5_tokenizer.{os.getpid()}.partial")
-        try:
-            tmp.rename(d)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return d
+    return _cached(root / f"t5_tokenizer_{T5_VOCAB}", "tokenizer.json", write_t5_tokenizer)

@@ -7,24 +7,18 @@ W0 + delta. (The edit nodes on ComfyUI's FLUX/SD3 MODEL and CLIP objects are not
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("ce_comfyui_e2e_helpers", HERE / "test_comfyui_e2e.py")
-e2e = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(e2e)
+_spec = importlib.util.spec_from_file_location("ce_comfyui_host", Path(__file__).resolve().parent / "comfyui_host.py")
+host = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(host)
 
-pytestmark = pytest.mark.skipif(e2e.comfy_path() is None, reason="no ComfyUI: set COMFYUI_PATH and COMFYUI_PYTHON (../shared/comfyui/install.sh DEST prints both; .ci/run does it all)")
+pytestmark = pytest.mark.skipif(host.comfy_path() is None, reason=host.SKIP_REASON)
 
 SCRIPT = r'''
-import os, sys, torch
-sys.path.insert(0, os.environ["COMFYUI_PATH"])
-from comfy.cli_args import args
-args.cpu = True
+import torch
 import comfy.lora, comfy.model_base, comfy.model_patcher, comfy.supported_models, comfy.utils
 from safetensors.torch import load_file
 
@@ -97,9 +91,4 @@ def test_mmdit_lora_files_load_in_comfyui(tmp_path):
         save_file({k: v.detach().clone().contiguous() for k, v in pipe.transformer.state_dict().items()
                    if k.startswith(("context_embedder", "time_text_embed.text_embedder"))},
                   str(tmp_path / f"{family}_readers.safetensors"))
-    script = tmp_path / "mmdit_check.py"
-    script.write_text(SCRIPT)
-    env = {**os.environ, "COMFYUI_PATH": str(e2e.comfy_path()), "TQDM_DISABLE": "1"}
-    out = subprocess.run([e2e.comfy_python(), str(script), str(tmp_path)], capture_output=True, text=True,
-                         cwd=str(tmp_path), env=env, timeout=900)
-    assert out.returncode == 0 and "MMDIT OK" in out.stdout, out.stdout[-3000:] + out.stderr[-6000:]
+    host.run_script(tmp_path, SCRIPT, str(tmp_path), timeout=900, ok="MMDIT OK")

@@ -8,35 +8,20 @@ COMFYUI_PATH is set. The workflows through the HTTP API are in test_comfyui_e2e.
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("ce_comfyui_e2e_helpers", HERE / "test_comfyui_e2e.py")
-e2e = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(e2e)
+_spec = importlib.util.spec_from_file_location("ce_comfyui_host", Path(__file__).resolve().parent / "comfyui_host.py")
+host = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(host)
 
-pytestmark = pytest.mark.skipif(e2e.comfy_path() is None, reason="no ComfyUI: set COMFYUI_PATH and COMFYUI_PYTHON (../shared/comfyui/install.sh DEST prints both; .ci/run does it all)")
+pytestmark = pytest.mark.skipif(host.comfy_path() is None, reason=host.SKIP_REASON)
 
 SCRIPT = r'''
-import asyncio, importlib.util, os, sys, tempfile, time
-sys.path.insert(0, os.environ["COMFYUI_PATH"])
-from comfy.cli_args import args
-args.cpu = True
+import asyncio, tempfile, time
 import comfy.sd, folder_paths, torch
 from comfy_api.v0_0_2 import io
-
-ce_root = os.environ["CE_REPO"]
-spec = importlib.util.spec_from_file_location("ConceptEdit", os.path.join(ce_root, "__init__.py"),
-                                              submodule_search_locations=[ce_root])
-ce = importlib.util.module_from_spec(spec)      # imported under a folder name, as ComfyUI does
-sys.modules["ConceptEdit"] = ce
-spec.loader.exec_module(ce)
-from importlib import import_module
-pkg = ce.__name__
 load_delta = import_module(pkg + ".files.formats").load_delta
 
 # the extension as ComfyUI's loader sees it
@@ -138,10 +123,4 @@ print("NODES OK")
 
 
 def test_every_node_class_in_real_comfyui(tmp_path):
-    ck = e2e.ensure_checkpoint()
-    script = tmp_path / "nodes_check.py"
-    script.write_text(SCRIPT)
-    env = {**os.environ, "COMFYUI_PATH": str(e2e.comfy_path()), "CE_REPO": str(e2e.REPO), "TQDM_DISABLE": "1"}
-    out = subprocess.run([e2e.comfy_python(), str(script), str(ck)], capture_output=True, text=True,
-                         cwd=str(tmp_path), env=env, timeout=1800)
-    assert out.returncode == 0 and "NODES OK" in out.stdout, out.stdout[-3000:] + out.stderr[-6000:]
+    host.run_script(tmp_path, SCRIPT, str(host.e2e.ensure_checkpoint()), ok="NODES OK")

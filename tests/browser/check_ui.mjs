@@ -9,7 +9,7 @@
 // 3. after queueing the edit workflow, the edit node shows the edit summary panel;
 // 4. a screenshot is saved.
 // Prints one JSON line with the findings; exits non-zero on failure.
-import { chromium } from "playwright-core";
+import { launchChromium } from "./chromium.mjs";
 import { readFileSync } from "node:fs";
 
 const [url, editWf, attnWf, shot] = process.argv.slice(2);
@@ -21,11 +21,7 @@ function fromExtension(text, location) {
   return /concept[_-]?edit/i.test(s);
 }
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"],
-});
+const browser = await launchChromium();
 try {
   const page = await browser.newPage({ viewport: { width: 1600, height: 1000 } });
   let scriptServed = false;

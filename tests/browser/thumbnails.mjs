@@ -4,17 +4,13 @@
 //   node thumbnails.mjs <comfyui url> <out dir> <workflow.json>...
 //
 // Run through make_thumbnails.py, which starts the server. Prints one JSON line; exits non-zero on failure.
-import { chromium } from "playwright-core";
+import { launchChromium } from "./chromium.mjs";
 import { readFileSync } from "node:fs";
 import { basename, join } from "node:path";
 
 const [url, outDir, ...workflows] = process.argv.slice(2);
 const result = { ok: false, written: [] };
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"],
-});
+const browser = await launchChromium();
 try {
   // large enough that the graphs fit near zoom 1 (legible); make_thumbnails.py scales the image down
   const page = await browser.newPage({ viewport: { width: 1920, height: 1200 } });
