@@ -5,6 +5,23 @@ import torch
 from PIL import Image, ImageDraw
 
 
+def sampler_kwargs(pipe, n: int, guidance_scale: float) -> dict:
+    """Keyword arguments that make ``guidance_scale`` and the prompt length take effect on any
+    supported pipeline. A FLUX transformer without a guidance embedding (schnell, the FLUX testbed)
+    ignores ``guidance_scale``: it gets true classifier-free guidance against "" instead. FLUX/SD3
+    pad T5 to the length the edit's keys used (adapters.mmdit_model.t5_length)."""
+    name = type(pipe).__name__
+    if not name.startswith(("Flux", "StableDiffusion3")):
+        return {"guidance_scale": guidance_scale}
+    from .mmdit_model import t5_length
+
+    family = "flux" if name.startswith("Flux") else "sd3"
+    out = {"max_sequence_length": t5_length(pipe, family), "guidance_scale": guidance_scale}
+    if family == "flux" and not pipe.transformer.config.guidance_embeds and guidance_scale > 1:
+        out.update(true_cfg_scale=guidance_scale, negative_prompt=[""] * n)
+    return out
+
+
 def generate(pipe, prompts: list[str], *, seed: int = 0, steps: int = 20, size: int | None = None,
              guidance_scale: float = 7.5, batch_size: int = 8, progress: bool = False) -> list[Image.Image]:
     """One image per prompt; prompt i always uses seed ``seed + i``."""
@@ -16,8 +33,8 @@ def generate(pipe, prompts: list[str], *, seed: int = 0, steps: int = 20, size: 
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         gens = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
-        out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens,
-                   height=size, width=size, output_type="pil")
+        out = pipe(chunk, num_inference_steps=steps, generator=gens, height=size, width=size, output_type="pil",
+                   **sampler_kwargs(pipe, len(chunk), guidance_scale))
         images += out.images
     return images
 

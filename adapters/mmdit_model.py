@@ -14,7 +14,9 @@ so a token's state depends on the whole prompt and on the padding: keys are take
 padded encodings (no prefix shortcut as for causal CLIP), and the sequence length is part of the
 delta's metadata.
 
-Which token is a prompt's key in the token-state space (``token: last``):
+Which token is a prompt's key in the token-state space (``token: last``; ``aligned`` and ``all``
+take every row from the subject on, ``all`` also the template's rows before it: see
+:class:`_Keys`):
 
 * FLUX: the T5 state at the concept's last T5 token;
 * SD3: two rows, the CLIP-L ‖ CLIP-G state at the concept's last CLIP token and the T5 state at
@@ -42,6 +44,13 @@ from .families import (
 )
 
 
+def t5_length(pipe, family: str) -> int:
+    """T5 tokens the pipeline should pad to: the family's default, unless the T5 tokenizer says its
+    model is shorter (the FLUX testbed: 32). Keys and sampling must use the same length."""
+    tok = pipe.tokenizer_2 if family == "flux" else pipe.tokenizer_3
+    return int(min(FAMILIES[family].max_sequence_length, tok.model_max_length))
+
+
 class MMDiTModel:
     """A FluxPipeline or StableDiffusion3Pipeline seen by the engines (``family`` "flux" | "sd3")."""
 
@@ -56,9 +65,9 @@ class MMDiTModel:
         if fam.denoiser != "transformer":
             raise UnknownFamilyError(f"{self.family} is a UNet family; use DiffusersModel")
         self.readers = fam.text_readers
-        self.max_sequence_length = int(max_sequence_length or fam.max_sequence_length)
         self.tokenizer = pipe.tokenizer  # CLIP's (BOS/EOS ids)
         self.t5_tokenizer = pipe.tokenizer_2 if self.family == "flux" else pipe.tokenizer_3
+        self.max_sequence_length = int(max_sequence_length or t5_length(pipe, self.family))
         self.max_tokens = self.tokenizer.model_max_length
         self.key_dim = int(pipe.transformer.config.joint_attention_dim)
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -118,11 +127,11 @@ class MMDiTModel:
         for space in ("states", "pooled"):
             layers = {r.module: ws[r.module] for r in self.readers if r.space == space}
             if space == "pooled":
-                encs = [_Keys(self, _pooled)]
+                encs = [_Keys(self, None)]
             elif self.family == "flux":
-                encs = [_Keys(self, _t5_state)]
+                encs = [_Keys(self, _T5)]
             else:  # SD3: CLIP tokens first, then T5 tokens, in one sequence
-                encs = [_Keys(self, _clip_state), _Keys(self, _t5_state_after_clip)]
+                encs = [_Keys(self, _CLIP), _Keys(self, _T5_AFTER_CLIP)]
             out[space] = (layers, encs)
         return out
 
@@ -150,33 +159,84 @@ class MMDiTModel:
         return out
 
 
-# Row selectors: (model, prompt, states, pooled) -> key row
-def _pooled(m: MMDiTModel, p: Prompt, states, pooled):
-    return pooled
+# Key selectors. A token-state selector is a segment of the transformer's context: where it starts,
+# how long it is, which tokenizer made it and the concept's last token inside it. The pooled
+# selector (None) has one row per prompt.
+class _Segment:
+    def __init__(self, start, length, tokenizer, index):
+        self.start, self.length, self.tokenizer, self.index = start, length, tokenizer, index
+
+    def rows(self, m: MMDiTModel, states: torch.Tensor) -> torch.Tensor:
+        return states[self.start(m) : self.start(m) + self.length(m)]
+
+    def shared_prefix(self, m: MMDiTModel, a: Prompt, b: Prompt, limit: int) -> int:
+        """Leading tokens two prompts share (their template's words before the concept, after any
+        BOS), at most ``limit`` (the earlier subject token)."""
+        tok = self.tokenizer(m)
+        ia, ib = tok(a.text).input_ids, tok(b.text).input_ids
+        n = 0
+        while n < min(limit, len(ia), len(ib)) and ia[n] == ib[n]:
+            n += 1
+        return n
 
 
-def _t5_state(m: MMDiTModel, p: Prompt, states, pooled):
-    return states[m.t5_index(p)]
-
-
-def _clip_state(m: MMDiTModel, p: Prompt, states, pooled):
-    return states[m.clip_index(p)]
-
-
-def _t5_state_after_clip(m: MMDiTModel, p: Prompt, states, pooled):
-    return states[m.max_tokens + m.t5_index(p)]
+_T5 = _Segment(lambda m: 0, lambda m: m.max_sequence_length, lambda m: m.t5_tokenizer, lambda m, p: m.t5_index(p))
+_CLIP = _Segment(lambda m: 0, lambda m: m.max_tokens, lambda m: m.tokenizer, lambda m, p: m.clip_index(p))
+_T5_AFTER_CLIP = _Segment(lambda m: m.max_tokens, lambda m: m.max_sequence_length, lambda m: m.t5_tokenizer,
+                          lambda m, p: m.t5_index(p))
 
 
 class _Keys:
-    """Key rows of one selector, with the interface the UCE target builders use."""
+    """Key rows of one selector, with the interface of engines.keys.KeyEncoder: ``last``, and the
+    ``aligned`` / ``all`` selections (token states only; the pooled vector is one row per prompt)."""
 
-    def __init__(self, model: MMDiTModel, select):
-        self.model, self.select = model, select
+    def __init__(self, model: MMDiTModel, segment: _Segment | None):
+        self.model, self.segment = model, segment
 
     def prefetch(self, *groups) -> None:
         self.model.encode([p.text for prompts, _ in groups for p in prompts])
 
-    def last_token_keys(self, prompts: list[Prompt], *, empty_all_tokens: bool = False):
+    def _states(self, prompts):
         enc = self.model.encode([p.text for p in prompts])
-        rows = [self.select(self.model, p, *enc[p.text]) for p in prompts]
+        return [enc[p.text] for p in prompts]
+
+    def last_token_keys(self, prompts: list[Prompt], *, empty_all_tokens: bool = False):
+        m, seg = self.model, self.segment
+        if seg is None:
+            rows = [pooled for _, pooled in self._states(prompts)]
+        else:
+            rows = [seg.rows(m, st)[seg.index(m, p)] for p, (st, _) in zip(prompts, self._states(prompts))]
         return torch.stack(rows), list(range(len(prompts)))
+
+    def aligned_keys(self, src: list[Prompt], dst: list[Prompt], *, prefix: bool = False):
+        """Rows from each subject token to the end of the segment, source and destination aligned
+        from their subject tokens (UCE's aligned selection); with ``prefix`` also the rows before
+        the subject that both prompts share (the template's words: T5 sees the subject from there)."""
+        m, seg = self.model, self.segment
+        if seg is None:
+            K, _ = self.last_token_keys(src)
+            T, _ = self.last_token_keys(dst)
+            return K, T, list(range(len(src)))
+        K, T, owners = [], [], []
+        for i, (ps, pd, (ss, _), (sd, _)) in enumerate(zip(src, dst, self._states(src), self._states(dst))):
+            a, b = seg.index(m, ps), seg.index(m, pd)
+            rs, rd = seg.rows(m, ss), seg.rows(m, sd)
+            n, far = rs.shape[0], max(a, b)
+            if prefix:
+                c = seg.shared_prefix(m, ps, pd, min(a, b))
+                K.append(rs[:c]); T.append(rd[:c]); owners += [i] * c
+            K.append(rs[a : n - (far - a)]); T.append(rd[b : n - (far - b)]); owners += [i] * (n - far)
+        return torch.cat(K), torch.cat(T), owners
+
+    def all_token_keys(self, prompts: list[Prompt], *, prefix: bool = False):
+        """Preserve rows for the aligned selections: from the subject token (or, with ``prefix``,
+        from the first token) to the end of the segment."""
+        m, seg = self.model, self.segment
+        if seg is None:
+            return self.last_token_keys(prompts)
+        rows, owners = [], []
+        for i, (p, (st, _)) in enumerate(zip(prompts, self._states(prompts))):
+            r = seg.rows(m, st)[0 if prefix else seg.index(m, p):]
+            rows.append(r); owners += [i] * r.shape[0]
+        return torch.cat(rows), owners
+

@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--preserve", action="append", help="concept to keep unchanged (repeatable; with --plan: replaces its list)")
     e.add_argument("--method", help="uce (default), emcid, nullspace or emcid+uce")
     e.add_argument("--lambda", dest="lam", type=float, help="the method's lambda (UCE default 0.5, nullspace 1.0)")
-    e.add_argument("--token", choices=["last", "aligned"], help="key tokens (default last)")
+    e.add_argument("--token", choices=["last", "aligned", "all"], help="key tokens (default last; all: T5 keys of FLUX/SD3)")
     e.add_argument("--layers", help="layers to edit: kv | v (cross-attention) or text-encoder layers such as 0-2")
     e.add_argument("--template", action="append", help="prompt template with {} (repeatable; default '{}')")
     e.add_argument("--set", action="append", metavar="KEY=VALUE",

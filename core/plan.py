@@ -5,7 +5,7 @@ Example edit file::
 
     method: uce            # uce | emcid | nullspace | emcid+uce
     lambda: 0.5            # a setting of the method (core/settings.py); also allowed under options:
-    token: last            # last | aligned
+    token: last            # last | aligned | all (T5 keys of FLUX/SD3)
     templates: ["{}", "a painting by {}"]
     preserve: ["Claude Monet"]
     preserve_empty: true   # keep "" (the unconditional prompt) too

@@ -111,7 +111,8 @@ def spelling(name: str) -> str:
 
 # -- the methods -------------------------------------------------------------------------------
 CROSS_ATTN_LAYERS = ("kv", "v")
-TOKENS = ("last", "aligned")
+TOKENS = ("last", "aligned", "all")
+READERS = ("all", "context", "pooled")
 
 
 @dataclass
@@ -120,8 +121,12 @@ class UCESettings(MethodSettings):
     lam: float = _f(0.5, "ridge towards the original weights (lambda)", node=True, min=0.0)
     erase_scale: float = _f(1.0, "weight of the edited concepts' keys (a per-edit `weight` overrides it)", node=True, min=0.0)
     preserve_scale: float = _f(1.0, "weight of the preserved concepts' keys", node=True, min=0.0)
-    token: str = _f("last", "key tokens: the last subject token, or UCE's original subject-token-through-padding", choices=TOKENS, node=True)
+    token: str = _f("last", "key tokens: the last subject token, UCE's original subject-token-through-padding (aligned), "
+                    "or aligned plus the tokens before the subject (all: for T5, whose states before the subject depend on "
+                    "it; refused for CLIP, whose are causal)", choices=TOKENS, node=True)
     layers: str = _f("kv", "cross-attention projections to edit: to_k and to_v, or to_v only", choices=CROSS_ATTN_LAYERS, node=True)
+    readers: str = _f("all", "FLUX/SD3 text readers to edit: both, the context embedder only (token states) or the pooled-text "
+                      "embedder only; refused on UNet models", choices=READERS)
 
 
 @dataclass
@@ -226,7 +231,7 @@ class NullspaceSettings(TextEncoderSettings):
                       choices=("distill", "images", "text", "dest_hidden", "refine"))
     key_mode: str = _f("each", "one key per prompt, or one per concept averaged over templates (text-encoder site)",
                        choices=("mean", "each"))
-    token: str = _f("last", "key tokens (aligned: cross-attention site only)", choices=TOKENS, node=True)
+    token: str = _f("last", "key tokens (aligned, all: cross-attention site only)", choices=TOKENS, node=True)
     layers: typing.Any = _f(None, "text_encoder site: encoder layers (None, list, '0-9', {component: spec}); "
                             "cross_attention site: 'kv' or 'v' (None: kv)", node=True)
     history_file: str | None = _f(None, "safetensors file of earlier edits' keys (sequential editing); read and rewritten")

@@ -5,6 +5,8 @@ Two token selections, as in UCE:
   is causal, so that key depends only on the tokens up to it: we encode just that prefix.
 - ``aligned``: UCE's original choice: from the last subject token through EOS and the padding,
   source and destination aligned from their subject tokens (needs full 77-token encodings).
+- ``all`` (FLUX/SD3 T5 keys only, adapters/mmdit_model.py): ``aligned`` plus the tokens before the
+  subject, which a bidirectional encoder computes with the subject in view.
 """
 from __future__ import annotations
 
@@ -77,9 +79,11 @@ class KeyEncoder:
         padded = [tuple(self.model.padded_ids(p.text)) for p in prompts]
         return info, padded, self._encode(padded)
 
-    def aligned_keys(self, src: list[Prompt], dst: list[Prompt]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    def aligned_keys(self, src: list[Prompt], dst: list[Prompt], *, prefix: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """UCE's aligned selection: rows from each subject token to the end, source and destination
         trimmed to equal length. Returns (source keys, destination keys, owner index per row)."""
+        _refuse_prefix(prefix)
         if len(src) != len(dst):
             raise ValueError("aligned keys need one destination prompt per source prompt")
         L = self.model.max_tokens
@@ -94,11 +98,19 @@ class KeyEncoder:
             owners += [i] * (L - far)
         return torch.cat(K), torch.cat(T), owners
 
-    def all_token_keys(self, prompts: list[Prompt]) -> tuple[torch.Tensor, list[int]]:
+    def all_token_keys(self, prompts: list[Prompt], *, prefix: bool = False) -> tuple[torch.Tensor, list[int]]:
         """Rows from each prompt's subject token to the end of the padded sequence (aligned preserve)."""
+        _refuse_prefix(prefix)
         info, padded, cache = self._full(prompts)
         rows, owners = [], []
         for i, (_, n_sub) in enumerate(info):
             rows.append(cache[padded[i]][n_sub:])
             owners += [i] * (self.model.max_tokens - n_sub)
         return torch.cat(rows), owners
+
+
+def _refuse_prefix(prefix: bool) -> None:
+    if prefix:
+        raise ValueError("token 'all' adds the states before the subject, which a causal CLIP encoder computes without "
+                         "seeing the subject (they equal the destination's): use 'last' or 'aligned' on this model; "
+                         "'all' is for the T5 keys of FLUX and SD3")

@@ -64,7 +64,7 @@ def _targets_aligned(enc: KeyEncoder, plan: EditPlan, alphas: dict[str, list[flo
         d = expand(e.target if e.kind != "moderate" else "", plan.templates)
         src += s
         dst += d
-    K, T, owners = enc.aligned_keys(src, dst)
+    K, T, owners = enc.aligned_keys(src, dst, prefix=plan.settings.token == "all")
     n = len(plan.templates)
     strength = torch.tensor([plan.edits[o // n].strength if plan.edits[o // n].kind == "moderate" else 1.0 for o in owners])
     T = K + strength[:, None] * (T - K)
@@ -102,7 +102,7 @@ def preserve_keys(enc: KeyEncoder, plan: EditPlan) -> torch.Tensor | None:
         if plan.settings.token == "last":
             rows.append(enc.last_token_keys(prompts, empty_all_tokens=empty)[0])
         else:
-            rows.append(enc.all_token_keys(prompts)[0])
+            rows.append(enc.all_token_keys(prompts, prefix=plan.settings.token == "all")[0])
     return torch.cat(rows) if rows else None
 
 
@@ -110,13 +110,17 @@ def key_spaces(model, plan: EditPlan) -> dict[str, tuple[dict, list]]:
     """space -> (layers to edit, key encoders whose rows the space's solve uses). A UNet model has
     one space, its cross-attention; an MMDiT model (``model.key_spaces``) has the context
     embedder's token states and the pooled embedder's pooled vectors (adapters/mmdit_model.py)."""
+    readers = getattr(plan.settings, "readers", "all")
     if hasattr(model, "key_spaces"):
-        if plan.settings.token != "last":
-            raise ValueError(f"{model.family}: only token 'last' is supported for the MMDiT text readers")
         if plan.settings.layers != "kv":
             raise ValueError(f"{model.family}: 'layers' chooses UNet cross-attention projections; an MMDiT edits its "
-                             "context and pooled-text embedders (leave layers at its default)")
-        return model.key_spaces()
+                             "context and pooled-text embedders (choose them with 'readers')")
+        spaces = model.key_spaces()
+        keep = {"all": ("states", "pooled"), "context": ("states",), "pooled": ("pooled",)}[readers]
+        return {k: v for k, v in spaces.items() if k in keep}
+    if readers != "all":
+        raise ValueError(f"'readers' chooses the text readers of FLUX/SD3 models; this model's text enters through "
+                         f"cross-attention (choose its projections with 'layers'), got readers: {readers}")
     return {"states": (edit_layers(model, plan.settings.layers), [KeyEncoder(model)])}
 
 

@@ -26,10 +26,25 @@ from .world import World, build_world
 
 STEPS = 10
 GUIDANCE = 4.0
+FLUX_STEPS = 10  # Euler steps of the FLUX testbed (flow matching, true classifier-free guidance)
+
+
+def is_flux(pipe) -> bool:
+    return type(pipe).__name__.startswith("Flux")
+
+
+def pipe_kwargs(pipe, n: int, steps: int | None, guidance: float) -> dict:
+    """The sampler call for either testbed (the FLUX model: true CFG against "", T5 at 32 tokens;
+    adapters.generate.sampler_kwargs)."""
+    from ..adapters.generate import sampler_kwargs
+
+    if is_flux(pipe):
+        return dict(num_inference_steps=steps or FLUX_STEPS, height=32, width=32, **sampler_kwargs(pipe, n, guidance))
+    return dict(num_inference_steps=steps or STEPS, guidance_scale=guidance)
 
 
 @torch.no_grad()
-def generate(pipe, prompts: list[str], seeds: list[int] | int = 0, *, steps: int = STEPS,
+def generate(pipe, prompts: list[str], seeds: list[int] | int = 0, *, steps: int | None = None,
              guidance: float = GUIDANCE, batch: int = 64) -> np.ndarray:
     """uint8 images (N,32,32,3); image i uses ``torch.Generator().manual_seed(seeds[i])``."""
     if isinstance(seeds, int):
@@ -38,8 +53,7 @@ def generate(pipe, prompts: list[str], seeds: list[int] | int = 0, *, steps: int
     for i in range(0, len(prompts), batch):
         ps = prompts[i : i + batch]
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i : i + batch]]
-        im = pipe(ps, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                  output_type="np").images
+        im = pipe(ps, generator=gens, output_type="np", **pipe_kwargs(pipe, len(ps), steps, guidance)).images
         out.append(np.clip(np.round(im * 255), 0, 255).astype(np.uint8))
     return np.concatenate(out) if out else np.zeros((0, 32, 32, 3), np.uint8)
 
@@ -124,11 +138,13 @@ def profession_attribute_rates(pipe, model, world: World, per: int = 40, seed: i
 
 
 def main(argv=None):
-    from . import load_classifier, load_testbed_pipeline
+    from . import load_any_testbed_pipeline, load_classifier
     from .data import HEAD
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--arch", choices=("unet", "flux"), default="unet", help="which testbed model")
+    ap.add_argument("--steps", type=int, default=None, help="sampler steps (default: the testbed's)")
     ap.add_argument("--classifier", type=Path, default=None)
     ap.add_argument("--n-head", type=int, default=50, help="objects sampled among the first HEAD (100)")
     ap.add_argument("--n-tail", type=int, default=20, help="objects sampled among the rest")
@@ -138,7 +154,10 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.time()
-    pipe = load_testbed_pipeline(a.model)
+    pipe = load_any_testbed_pipeline(a.arch, a.model)
+    if a.steps:
+        global STEPS, FLUX_STEPS
+        STEPS = FLUX_STEPS = a.steps
     clf = load_classifier(a.classifier)
     world = build_world(1000)
     rng = random.Random(7)

@@ -7,7 +7,8 @@ alone took far more CPU than we have (session 1: shape/colour learned, patterns 
 contrastive one: a linear probe on its final (layer-normed) states must read off the picture the
 caption describes -- object shape/colour/pattern, profession, attribute word and artist -- at the
 name token, at the artist token and at the first end-of-text token (which, with CLIP's causal
-mask, sees the whole prompt, like CLIP's pooled output). It is contrastive learning against an
+mask, sees the whole prompt, like CLIP's pooled output; T5 is bidirectional, so every token does).
+The same objective pretrains the FLUX testbed's T5-style encoder (``flux_train.py``). It is contrastive learning against an
 ideal image encoder whose features are those factors. The UNet then learns to draw factors, not
 1,000 lookups, and trains with the encoder frozen.
 """
@@ -41,8 +42,14 @@ class Probe(torch.nn.Module):
 
 
 def word_id(tok, word: str) -> int:
-    """Token id of a grammar word (the testbed tokenizer makes every word one token)."""
-    return tok.convert_tokens_to_ids(word + "</w>")
+    """Token id of a grammar word (both testbed tokenizers, CLIP- and T5-style, make every word
+    one token)."""
+    ids = tok(word, add_special_tokens=False).input_ids
+    if len(ids) == 2 and tok.convert_ids_to_tokens(ids[0]) == "\u2581":  # T5: "," alone reads "▁" ","
+        ids = ids[1:]
+    if len(ids) != 1:
+        raise ValueError(f"{word!r} is {len(ids)} tokens for this tokenizer, not one")
+    return ids[0]
 
 
 def encode(tok, captions: list[str]) -> torch.Tensor:

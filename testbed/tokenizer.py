@@ -106,3 +106,18 @@ def all_words(world) -> list[str]:
     for s in world.artists:
         words.add(s.name)
     return sorted(words)
+
+
+def write_t5_tokenizer(out_dir: str | Path, words: list[str], model_max_length: int = 32) -> Path:
+    """A ``T5TokenizerFast`` folder for the FLUX testbed: T5's special tokens (``<pad>`` 0,
+    ``</s>`` 1, ``<unk>`` 2, ``</s>`` appended) and sentencepiece-style pieces (``▁word``), one per
+    grammar word, as in the CLIP-style tokenizer; punctuation is its own piece (``▁lubav`` ``,``).
+    Equal scores: the unigram segmentation with the fewest pieces, the whole word, wins."""
+    from transformers import T5TokenizerFast
+
+    words = sorted(set(words))
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)]
+    pieces += [("▁" + w, -1.0) for w in words if w.isalnum()] + [(w, -1.0) for w in words if not w.isalnum()]
+    out = Path(out_dir)
+    T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=model_max_length).save_pretrained(str(out))
+    return out

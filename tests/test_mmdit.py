@@ -78,10 +78,55 @@ def test_edit_reaches_its_target_and_keeps_preserved_outputs_biases_included(mmd
     assert set(delta.metadata["key_spaces"]) == {"states", "pooled"}
 
 
+def test_token_choices_move_every_selected_row_to_its_aligned_target(mmdit):
+    """aligned: rows from the subject token on; all: also the template's rows before it. With a
+    small ridge every selected source row reaches its destination row (outputs, bias included)."""
+    pipe, m = mmdit
+    tpl = {"templates": ["a painting by {}"], "lambda": 1e-4, "preserve": [], "preserve_empty": False}
+    counts = {}
+    for token in ("last", "aligned", "all"):
+        plan = _plan(token=token, **tpl)
+        delta = compute_delta(m, plan, progress=False)
+        counts[token] = delta.metadata["key_spaces"]["states"]["n_edit_keys"]
+        src, dst = Prompt("a painting by Van Gogh", 22), Prompt("a painting by art", 17)
+        layers, encs = m.key_spaces()["states"]
+        (name, W), = layers.items()
+        D = delta.layers[name].dense()
+        for enc in encs:
+            K, T, _ = (enc.aligned_keys([src], [dst], prefix=token == "all") if token != "last" else
+                       (enc.last_token_keys([src])[0], enc.last_token_keys([dst])[0], None))
+            W0 = W.detach()
+            err, before = ((W0 + D) @ K.T - W0 @ T.T).norm(), (W0 @ K.T - W0 @ T.T).norm()
+            # exact while the space's rows fit its key width; SD3's CLIP + T5 rows do not: least squares
+            exact = counts[token] < K.shape[1]
+            assert err < (2e-2 if exact else 0.25) * before, (token, K.shape, err / before)
+    assert counts["last"] < counts["aligned"] < counts["all"]
+    if m.family == "flux":  # aligned: from the later subject token to the padded end; all: + the template's tokens
+        last = max(m.t5_index(src), m.t5_index(dst))
+        n_tpl = len(m.t5_tokenizer("a painting by", add_special_tokens=False).input_ids)
+        assert (counts["aligned"], counts["all"]) == (MSL - last, MSL - last + n_tpl)
+
+
+def test_readers_choose_the_edited_embedders(mmdit):
+    _, m = mmdit
+    both = compute_delta(m, _plan(), progress=False)
+    ctx = compute_delta(m, _plan(readers="context"), progress=False)
+    pooled = compute_delta(m, _plan(readers="pooled"), progress=False)
+    assert set(ctx.layers) == {CTX} and set(pooled.layers) == {POOL}
+    torch.testing.assert_close(ctx.layers[CTX].dense(), both.layers[CTX].dense())  # independent solves
+    torch.testing.assert_close(pooled.layers[POOL].dense(), both.layers[POOL].dense())
+
+
+def test_unet_models_refuse_the_mmdit_only_choices(tiny):
+    _, model = tiny("sd1")
+    with pytest.raises(ValueError, match="readers"):
+        compute_delta(model, _plan(readers="pooled"), progress=False)
+    with pytest.raises(ValueError, match="causal CLIP"):
+        compute_delta(model, _plan(token="all"), progress=False)
+
+
 def test_settings_the_mmdit_readers_cannot_use_are_refused(mmdit):
     _, m = mmdit
-    with pytest.raises(ValueError, match="token 'last'"):
-        compute_delta(m, _plan(token="aligned"), progress=False)
     with pytest.raises(ValueError, match="layers"):
         compute_delta(m, _plan(layers="v"), progress=False)
     for method in ("emcid", "nullspace", "emcid+uce"):

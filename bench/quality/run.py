@@ -40,11 +40,25 @@ STYLE_PARA = ["{s} painting of a {o}"]
 # EMCID's default C0 weight (10,000, the paper's mom2_update_weight) is absolute while the edit
 # term grows with the edit count: it barely edits below ~100 concepts here, so 1,000 runs alongside
 DEFAULT_METHODS = ["uce", "emcid", "emcid:cov_weight=1000", "nullspace", "nullspace-xattn", "emcid+uce"]
+# the FLUX-shaped testbed: UCE is the method that supports the family; its key-token choices for the
+# bidirectional T5 and its choice of text readers (the context embedder, the pooled-text embedder)
+FLUX_METHODS = ["uce", "uce:token=aligned", "uce:token=all", "uce:readers=context", "uce:readers=pooled"]
 
 
-def uce_method(model, plan):
+def ci95(x) -> float:
+    """Half-width of a normal 95% confidence interval of the mean of ``x`` (0 for one value)."""
+    x = np.asarray(x, dtype=np.float64)
+    return float(1.96 * x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
+
+
+def uce_method(model, plan, **settings):
+    import dataclasses
+
+    from concept_edit.core.settings import build_settings
     from concept_edit.engines.uce import uce_delta
 
+    if settings:  # the bench's plans carry default settings
+        plan = dataclasses.replace(plan, settings=build_settings("uce", settings))
     return uce_delta(model, plan, progress=False)
 
 
@@ -65,8 +79,8 @@ def build_methods(specs: list[str], corpus: list[str]):
     out = {}
     for spec in specs:
         name, opts = parse_method(spec)
-        if name == "uce" and not opts:
-            out[spec] = uce_method
+        if name == "uce":
+            out[spec] = (lambda o: lambda model, plan: uce_method(model, plan, **o))(opts)
             continue
         try:
             from presets import (
@@ -80,17 +94,18 @@ def build_methods(specs: list[str], corpus: list[str]):
 
 
 class Bench:
-    def __init__(self, quick: bool, seed: int = 0, model_path=None):
-        from concept_edit.adapters.diffusers_model import DiffusersModel
+    def __init__(self, quick: bool, seed: int = 0, model_path=None, arch: str = "unet", n_eval: int | None = None):
+        from concept_edit.adapters.diffusers_model import editable_model
         from concept_edit.testbed import (
             get_world,
+            load_any_testbed_pipeline,
             load_classifier,
-            load_testbed_pipeline,
         )
 
         self.quick = quick
-        self.pipe = load_testbed_pipeline(model_path)
-        self.model = DiffusersModel(self.pipe)
+        self.arch = arch
+        self.pipe = load_any_testbed_pipeline(arch, model_path)
+        self.model = editable_model(self.pipe)
         self.clf = load_classifier()
         self.world = get_world()
         self.seed = seed
@@ -102,7 +117,7 @@ class Bench:
         rest = [o for o in objs if not o.alias]
         rng.shuffle(rest)
         rng.shuffle(aliased)
-        n_hold = 4 if quick else 12
+        n_hold = 4 if quick else (n_eval or 12)
         self.holdout = rest[:n_hold]
         n_dest = min(50, max(1, (len(rest) - n_hold) // 3))
         self.dest_pool = rest[n_hold : n_hold + n_dest]
@@ -117,7 +132,7 @@ class Bench:
         self.sources = src
         self.dest = {s.index: self.dest_pool[i % len(self.dest_pool)] for i, s in enumerate(src)}
         self.rare = rare[:4] if quick else rare
-        self.n_eval = 4 if quick else 12
+        self.n_eval = 4 if quick else (n_eval or 12)
 
     # -- generation + scoring ------------------------------------------------------
     def images(self, prompts: list[str], seeds: list[int], edited: bool) -> np.ndarray:
@@ -158,8 +173,9 @@ class Bench:
             P, S, O = self.object_prompts(sources, tpl, seed_base=1000)
             pr = self.probs(self.images(P, S, edited))
             rows = np.arange(len(P))
-            out[f"ss_{tag}"] = float(np.mean([self.p_of(pr, [i], o)[0] for i, o in zip(rows, O)]))
-            out[f"sd_{tag}"] = float(np.mean([self.p_of(pr, [i], dest[o.index])[0] for i, o in zip(rows, O)]))
+            out[f"_ss_{tag}"] = np.array([self.p_of(pr, [i], o)[0] for i, o in zip(rows, O)])
+            out[f"_sd_{tag}"] = np.array([self.p_of(pr, [i], dest[o.index])[0] for i, o in zip(rows, O)])
+            out[f"ss_{tag}"], out[f"sd_{tag}"] = float(out[f"_ss_{tag}"].mean()), float(out[f"_sd_{tag}"].mean())
         al = [s for s in sources if s.alias and not s.alias_rare]
         if al:
             P, S, O = self.object_prompts(al, EVAL_PARA[:1], use_alias=True, seed_base=5000)
@@ -168,7 +184,8 @@ class Bench:
         P, S, O = self.object_prompts(self.holdout, EVAL_PARA, seed_base=9000)
         ims = self.images(P, S, edited)
         pr = self.probs(ims)
-        out["hh"] = float(np.mean([self.p_of(pr, [i], o)[0] for i, o in enumerate(O)]))
+        out["_hh"] = np.array([self.p_of(pr, [i], o)[0] for i, o in enumerate(O)])
+        out["hh"] = float(out["_hh"].mean())
         out["_holdout_images"] = ims
         return out
 
@@ -217,10 +234,14 @@ class Bench:
                 "HD": after["hh"] - base["hh"],
                 "PD": float(np.abs(after["_holdout_images"].astype(np.float32) - base["_holdout_images"].astype(np.float32)).mean() / 255),
                 "base_ss_tpl": base["ss_tpl"], "base_hh": base["hh"],
+                # 95% CI half-widths over the evaluated concepts (paired before/after differences)
+                "SF_para_ci": ci95(base["_ss_para"] - after["_ss_para"]), "HD_ci": ci95(after["_hh"] - base["_hh"]),
+                "n_eval": len(ev), "n_holdout": len(self.holdout),
             }
             if kind == "replace":
                 r["S2D_tpl"] = after["sd_tpl"] - base["sd_tpl"]
                 r["S2D_para"] = after["sd_para"] - base["sd_para"]
+                r["S2D_para_ci"] = ci95(after["_sd_para"] - base["_sd_para"])
                 if "ald" in base:
                     r["AL2D"] = after["ald"] - base["ald"]
             rows.append({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
@@ -339,10 +360,10 @@ class Bench:
                 "crowned_before": before, "crowned_after": after}
 
 
-def _model_warning() -> list[str]:
+def _model_warning(arch: str = "unet") -> list[str]:
     from concept_edit.testbed import ASSETS
 
-    meta = ASSETS / "testbed.json"
+    meta = ASSETS / ("flux_testbed.json" if arch == "flux" else "testbed.json")
     if not meta.exists():
         return []
     ev = json.loads(meta.read_text()).get("evaluation", {})
@@ -364,27 +385,34 @@ def write_report(res: dict, out_dir: Path, cmd: str):
 
     lines = ["# Edit quality on the testbed model", "",
              f"Reproduce: `{cmd}` (seeded; {res['seconds'] / 60:.1f} min on this machine's 2 CPU cores).", "",
-             "Model: `concept_edit/testbed/assets/model` (see `testbed/README.md`); scores from the testbed classifier.",
-             *_model_warning(),
+             f"Model: the {res.get('arch', 'unet').upper()} testbed, `concept_edit/testbed/assets/"
+             f"{'flux_model' if res.get('arch') == 'flux' else 'model'}` (see `testbed/README.md`); scores from the testbed "
+             f"classifier; {res.get('n_eval', 12)} evaluated sources and {res.get('n_holdout', 12)} holdouts, one image "
+             "each; +- is a 95% confidence interval over concepts.",
+             *_model_warning(res.get("arch", "unet")),
              "p = classifier probability of the concept; SF/S2D on training templates (tpl) and held-out paraphrases (para);",
              "HD/AL2D/PD on held-out paraphrases; PD = mean absolute pixel change of holdout generations (same seeds).", "",
              "## Arbitrary concept editing (replace source -> destination)", "",
              "| method | edits | SF tpl | SF para | S2D tpl | S2D para | AL2D | HD | PD | edit s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v: "" if v is None else (f"{v:+.3f}" if isinstance(v, float) else str(v))
+
+    def fc(r, k):  # value with its confidence interval, where the run recorded one
+        return f(r.get(k)) + (f" ±{r[k + '_ci']:.2f}" if r.get(k + "_ci") is not None and r.get(k) is not None else "")
+
     for m, rows in res["replace"].items():
         for r in rows:
             if "error" in r:
                 lines.append(f"| {m} | {r['n']} | error: {r['error'][:80]} |||||||||")
                 continue
-            lines.append(f"| {m} | {r['n']} | {f(r['SF_tpl'])} | {f(r['SF_para'])} | {f(r.get('S2D_tpl'))} | "
-                         f"{f(r.get('S2D_para'))} | {f(r.get('AL2D'))} | {f(r['HD'])} | {r['PD']:.3f} | {r['edit_seconds']} |")
+            lines.append(f"| {m} | {r['n']} | {f(r['SF_tpl'])} | {fc(r, 'SF_para')} | {f(r.get('S2D_tpl'))} | "
+                         f"{fc(r, 'S2D_para')} | {f(r.get('AL2D'))} | {fc(r, 'HD')} | {r['PD']:.3f} | {r['edit_seconds']} |")
     if res.get("erase"):
         lines += ["", "## Concept erasure (source -> \"\")", "", "| method | edits | SF tpl | SF para | HD | PD |", "|---|---|---|---|---|---|"]
         for m, rows in res["erase"].items():
             for r in rows:
                 if "error" not in r:
-                    lines.append(f"| {m} | {r['n']} | {f(r['SF_tpl'])} | {f(r['SF_para'])} | {f(r['HD'])} | {r['PD']:.3f} |")
+                    lines.append(f"| {m} | {r['n']} | {f(r['SF_tpl'])} | {fc(r, 'SF_para')} | {fc(r, 'HD')} | {r['PD']:.3f} |")
     lines += ["", "## Style erasure (artist -> \"art\"; 6 holdout artists)", "",
               "| method | artists erased | style rate before | erasure rate | holdout style before | holdout style after |",
               "|---|---|---|---|---|---|"]
@@ -431,25 +459,30 @@ def main(argv=None):
     ap.add_argument("--tasks", default="replace,erase,style,rectify,debias")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", type=Path, default=None, help="diffusers folder (default: the bundled testbed model)")
+    ap.add_argument("--arch", choices=("unet", "flux"), default="unet",
+                    help="which testbed: the SD-shaped UNet model or the FLUX-shaped one (testbed/README.md)")
+    ap.add_argument("--n-eval", type=int, default=None, help="evaluated sources and holdouts (default 12)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.time()
     from concept_edit.testbed.data import caption_corpus
 
-    b = Bench(a.quick, model_path=a.model)
+    b = Bench(a.quick, model_path=a.model, arch=a.arch, n_eval=a.n_eval)
     max_n = len(b.sources)
     counts = [int(x) for x in a.counts.split(",")] if a.counts else ([1, 10] if a.quick else [1, 10, 50, 100, 300, max_n])
     counts = sorted({min(c, max_n) for c in counts})
-    names = a.methods.split(",") if a.methods else (["uce"] if a.quick else DEFAULT_METHODS)
+    names = a.methods.split(",") if a.methods else (["uce"] if a.quick else
+                                                    FLUX_METHODS if a.arch == "flux" else DEFAULT_METHODS)
     corpus = caption_corpus(5_000 if a.quick else 50_000)
     methods = build_methods(names, corpus)
-    res = {"counts": counts, "replace": {}, "erase": {}, "style": {}, "rectify": {}, "quick": a.quick}
+    res = {"counts": counts, "replace": {}, "erase": {}, "style": {}, "rectify": {}, "quick": a.quick, "arch": a.arch,
+           "n_eval": b.n_eval, "n_holdout": len(b.holdout)}
     tasks = set(a.tasks.split(","))
     for name, fn in methods.items():
         print(f"method {name}", flush=True)
         if "replace" in tasks:
             res["replace"][name] = b.object_sweep(fn, counts, "replace")
-        if name == "uce" and not a.quick and "erase" in tasks:
+        if name.startswith("uce") and not a.quick and "erase" in tasks:
             res["erase"][name] = b.object_sweep(fn, counts, "erase")
         if "style" in tasks:
             res["style"][name] = b.style_erasure(fn, [1] if a.quick else [1, 5, 24])
