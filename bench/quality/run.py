@@ -345,9 +345,10 @@ class Bench:
         plan = plan_from_dict({"edits": [{"debias": c.name, "attributes": ["crowned", "bare"]} for c in profs],
                                "preserve": [o.name for o in self.world.objects[:50]], "templates": EDIT_TEMPLATES})
         t0 = time.time()
-        from concept_edit.testbed.evaluate import STEPS
+        from concept_edit.testbed.evaluate import FLUX_STEPS, STEPS
 
-        fit = fit_debias(self.pipe, self.model, plan, classify, n_images=n_images, steps=STEPS,
+        fit = fit_debias(self.pipe, self.model, plan, classify, n_images=n_images,
+                         steps=FLUX_STEPS if self.arch == "flux" else STEPS,
                          max_iters=iters, progress=False, prompt_template="a photo of a {}")
         delta = uce_delta(self.model, plan, alphas=fit.alphas, progress=False)
         h = apply_delta(delta, self.model.weights(delta.layers))
