@@ -223,6 +223,18 @@ def test_mixed_plans_attack_only_erase_and_replace(tiny):
     assert [c["concept"] for c in d.metadata["rece_epochs"][0]["concepts"]] == ["tree", "cat"]
 
 
+def test_cli_edits_with_rece(tiny_sd1_dir, tmp_path):
+    from concept_edit.cli.main import main
+    from concept_edit.files.formats import read_metadata
+
+    out = tmp_path / "rece.safetensors"
+    assert main(["edit", "--model", str(tiny_sd1_dir), "--method", "rece", "--erase", "cat", "--preserve", "dog",
+                 "--set", "epochs=2", "--set", "reg_lambda=0.01", "-o", str(out)]) == 0
+    meta = read_metadata(out)
+    assert meta["method"] == "rece" and meta["hyperparameters"]["epochs"] == 2
+    assert meta["hyperparameters"]["reg_lambda"] == 0.01 and len(meta["rece_epochs"]) == 2
+
+
 # -- the bundled model ---------------------------------------------------------------------------
 def _testbed_ready() -> bool:
     from concept_edit.testbed import CLASSIFIER_PATH, model_dir
