@@ -223,6 +223,33 @@ def test_mixed_plans_attack_only_erase_and_replace(tiny):
     assert [c["concept"] for c in d.metadata["rece_epochs"][0]["concepts"]] == ["tree", "cat"]
 
 
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_other_unet_families(tiny, family):
+    """SD 2.x and SDXL (2048-wide concatenated keys): the round sends the attack away from the erased outputs."""
+    _, model = tiny(family)
+    d = compute_delta(model, _plan(), progress=False)
+    assert d.metadata["family"] == family and d.metadata["n_adversarial_keys"] == 2 * len(TEMPLATES)
+    for c in d.metadata["rece_epochs"][0]["concepts"]:
+        assert c["adversarial_distance"] < c["concept_distance"] < c["adversarial_distance_after"] + 0.1, c
+        assert c["adversarial_distance_after"] > 3 * c["adversarial_distance"], c
+
+
+def test_single_file_model_gives_the_same_delta(tiny, tmp_path):
+    """The CLI computes RECE lazily on a single file (text encoders and cross-attention weights only)."""
+    from concept_edit.adapters.ldm_convert import save_single_file
+    from concept_edit.adapters.single_file_model import SingleFileModel
+
+    pipe, model = tiny("sd1")
+    pipe.save_pretrained(str(tmp_path / "config"))
+    path = save_single_file(pipe, tmp_path / "sd1.safetensors")
+    full = compute_delta(model, _plan(), progress=False)
+    lazy = compute_delta(SingleFileModel(path, tmp_path / "config"), _plan(), progress=False)
+    assert list(lazy.layers) == list(full.layers)
+    for n, ld in full.layers.items():
+        torch.testing.assert_close(lazy.layers[n].dense(), ld.dense(), rtol=1e-5, atol=1e-6)
+    assert lazy.metadata["base_fingerprint"] == full.metadata["base_fingerprint"]
+
+
 def test_cli_edits_with_rece(tiny_sd1_dir, tmp_path):
     from concept_edit.cli.main import main
     from concept_edit.files.formats import read_metadata
