@@ -130,6 +130,45 @@ class UCESettings(MethodSettings):
 
 
 @dataclass
+class RECESettings(MethodSettings):
+    """RECE: the UCE edit, then ``epochs`` rounds of: derive each erased concept's adversarial
+    embedding in closed form under the current weights and erase it too (engines/rece.py)."""
+
+    METHOD = "rece"
+    NOT_APPLICABLE = {"readers": "RECE edits UNet cross-attention (SD 1.x, 2.x, SDXL) only"}
+    lam: float = _f(0.5, "the UCE edit's ridge towards the original weights (lambda; with update: resolve also every "
+                    "round's)", min=0.0)
+    erase_scale: float = _f(1.0, "weight of the edited concepts' keys and of their adversarial keys (a per-edit `weight` "
+                            "overrides it)", min=0.0)
+    preserve_scale: float = _f(1.0, "weight of the preserved concepts' keys in the UCE edit (with update: resolve also in "
+                               "every round)", min=0.0)
+    token: str = _f("last", "key tokens: the last subject token, or UCE's subject-token-through-padding (aligned); the "
+                    "adversarial keys are taken at the same tokens", choices=("last", "aligned"))
+    layers: str = _f("kv", "cross-attention projections to edit: to_k and to_v, or to_v only (the adversarial embedding "
+                     "always reads both)", choices=CROSS_ATTN_LAYERS)
+    epochs: int = _f(1, "rounds of attack and re-erasure after the UCE edit (official: 1 for objects and styles, 2 for "
+                     "unsafe concepts, 3 for nudity); for none use uce", min=1)
+    reg_lambda: float = _f(1e-3, "the paper's lambda: weight of |c'|^2 in the adversarial embedding's closed form (official "
+                           "--regular_scale: 1e-3 for styles and hard objects, 0.1 for nudity and easy objects)", min=0.0)
+    adv_ridge: float = _f(0.1, "each round's ridge towards the current weights (official --lamb, 0.1 in the paper's Eq. 3)",
+                          min=0.0)
+    adv_preserve_scale: float = _f(0.1, "weight of the preserved keys in each round (official --preserve_scale, 0.1 in "
+                                   "the paper's Eq. 3)", min=0.0)
+    update: str = _f("accumulate", "accumulate: each round edits the current weights with that round's adversarial keys "
+                     "(the official code); resolve: each round re-solves UCE from the original weights with the concept "
+                     "keys plus every round's adversarial keys", choices=("accumulate", "resolve"))
+
+    ROUND_KEYS = ("adv_ridge", "adv_preserve_scale")
+
+    def check(self, given):
+        if self.update == "resolve":
+            self.refuse(given, self.ROUND_KEYS, "with update: resolve (the rounds use lambda and preserve_scale)")
+
+    def inactive(self):
+        return set(self.ROUND_KEYS) if self.update == "resolve" else set()
+
+
+@dataclass
 class StageISettings(MethodSettings):
     """EMCID stage I (target values); shared by EMCID and null-space editing."""
 
@@ -289,6 +328,7 @@ class EMCIDUCESettings(EMCIDSettings):
 
 SETTINGS: dict[str, type[MethodSettings]] = {
     "uce": UCESettings, "emcid": EMCIDSettings, "nullspace": NullspaceSettings, "emcid+uce": EMCIDUCESettings,
+    "rece": RECESettings,
 }
 
 

@@ -14,6 +14,7 @@ ENGINES = {
     "emcid": ("emcid", "emcid_delta"),
     "nullspace": ("nullspace", "nullspace_delta"),
     "emcid+uce": ("emcid", "emcid_uce_delta"),
+    "rece": ("rece", "rece_delta"),
 }
 
 

@@ -75,6 +75,12 @@ def edit_keys_and_targets(model: EditableModel, plan: EditPlan, alphas: dict[str
                           enc=None):
     """Key rows, target rows and per-row erase weights for a plan (shared by UCE-style solvers);
     ``enc`` is the key encoder (default: the model's text states, :class:`KeyEncoder`)."""
+    enc, K, T, w, _ = edit_rows(model, plan, alphas, enc)
+    return enc, K, T, w
+
+
+def edit_rows(model: EditableModel, plan: EditPlan, alphas: dict[str, list[float]] | None = None, enc=None):
+    """:func:`edit_keys_and_targets` plus the owner of each row: the index of its edit in ``plan.edits``."""
     enc = enc or KeyEncoder(model)
     alphas = alphas or {}
     n = len(plan.templates)
@@ -85,7 +91,7 @@ def edit_keys_and_targets(model: EditableModel, plan: EditPlan, alphas: dict[str
         K, T, owners = _targets_aligned(enc, plan, alphas)
         owners = [o // n for o in owners]
     w = torch.tensor(plan.edit_weights(), dtype=torch.float64)[owners]
-    return enc, K, T, w
+    return enc, K, T, w, owners
 
 
 def _preserve_groups(plan: EditPlan) -> list[tuple[list[Prompt], bool]]:

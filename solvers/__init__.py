@@ -8,6 +8,13 @@ from .nullspace import (
     nullspace_solve_layer,
     projector_from_keys,
 )
+from .rece import (
+    RECESystem,
+    adversarial_embeddings,
+    output_distance,
+    rece_system,
+    rece_system_factored,
+)
 from .uce import UCESolution, uce_solve, uce_solve_layer
 
 __all__ = [
@@ -16,4 +23,5 @@ __all__ = [
     "emcid_solve_layer", "emcid_system", "spread_residual",
     "EditHistory", "NullSpaceProjector", "null_space_projector", "nullspace_solve_layer",
     "projector_from_keys",
+    "RECESystem", "adversarial_embeddings", "output_distance", "rece_system", "rece_system_factored",
 ]

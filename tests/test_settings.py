@@ -67,6 +67,38 @@ def test_every_uce_setting_changes_the_delta(tiny, base, changed):
     assert _diff(_delta(model, "uce", **base), _delta(model, "uce", **changed)) > 1e-3
 
 
+RECE_CASES = [
+    ({}, {"lambda": 5.0}),
+    ({}, {"erase_scale": 3.0}),
+    ({}, {"preserve_scale": 20.0}),
+    ({}, {"token": "aligned"}),
+    ({}, {"layers": "v"}),
+    ({}, {"epochs": 2}),
+    ({}, {"reg_lambda": 1.0}),
+    ({}, {"adv_ridge": 5.0}),
+    ({}, {"adv_preserve_scale": 20.0}),
+    ({}, {"update": "resolve"}),
+    ({}, {"preserve": []}),
+    ({}, {"preserve_empty": False}),
+    ({}, {"templates": ["a painting of a {}"]}),
+    ({}, {"edits": [{"replace": "cat", "with": "dog", "weight": 5.0}, {"erase": "tree"}]}),
+]
+
+
+@pytest.mark.parametrize("base,changed", RECE_CASES, ids=[next(iter(c)) for _, c in RECE_CASES])
+def test_every_rece_setting_changes_the_delta(tiny, base, changed):
+    _, model = tiny("sd1")
+    assert _diff(_delta(model, "rece", **base), _delta(model, "rece", **changed)) > 1e-3
+
+
+def test_rece_update_resolve_uses_lambda_and_preserve_scale_in_every_round(tiny):
+    _, model = tiny("sd1")
+    base = {"update": "resolve", "epochs": 2}
+    ref = _delta(model, "rece", **base)
+    for k, v in {"lambda": 5.0, "preserve_scale": 20.0, "reg_lambda": 1.0}.items():
+        assert _diff(ref, _delta(model, "rece", **(base | {k: v}))) > 1e-3, k
+
+
 EMCID_CASES = [
     {"alpha": 0.9},
     {"cov_weight": 10.0},
@@ -188,6 +220,10 @@ def test_nullspace_reports_measured_preserve_drift(tiny, tmp_path):
     ({"method": "nullspace", "edits": EDITS, "options": {"projector": "preserve", "corpus": ["a"]}}, "no effect"),
     ({"method": "nullspace", "edits": EDITS, "options": {"projector": "corpus", "preserve_scale": 2.0}}, "no effect"),
     ({"method": "nullspace", "edits": EDITS, "options": {"site": "cross_attention", "layers": [0]}}, "'kv' or 'v'"),
+    ({"method": "rece", "edits": EDITS, "epochs": 0}, ">= 1"),
+    ({"method": "rece", "edits": EDITS, "update": "resolve", "adv_preserve_scale": 1.0}, "no effect with update: resolve"),
+    ({"method": "rece", "edits": EDITS, "readers": "context"}, "UNet cross-attention"),
+    ({"method": "rece", "edits": EDITS, "token": "all"}, "must be one of last, aligned"),
     ({"method": "uce2", "edits": EDITS}, "unknown method"),
 ])
 def test_bad_plans_are_refused_with_a_message(d, msg):
