@@ -5,7 +5,7 @@ FLUX-shaped model (context embedder + pooled-text embedder), same world, edits, 
 
 Three runs of ``run.py`` (each kept in its own folder with its own README): UCE with its defaults on
 the UNet model and on the FLUX model (every task), and on the FLUX model the key-token and
-text-reader variants (erase and replace at 10 and 100 edits). This script then writes the
+text-reader variants (erase at 10 and 100 edits). This script then writes the
 side-by-side table and plot. ``--report-only`` rebuilds them from the saved results.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ N_EVAL = 50
 RUNS = {  # folder: run.py arguments
     "unet": ["--arch", "unet", "--methods", "uce", "--counts", COUNTS],
     "flux": ["--arch", "flux", "--methods", "uce", "--counts", COUNTS],
-    "flux_variants": ["--arch", "flux", "--tasks", "replace,erase", "--counts", "10,100",
+    "flux_variants": ["--arch", "flux", "--tasks", "erase", "--counts", "10,100",
                       "--methods", "uce:token=aligned,uce:token=all,uce:readers=context,uce:readers=pooled"],
 }
 
@@ -99,15 +99,15 @@ def report(cmd: str) -> None:
     lines.append(f"| debias (10 professions, 50/50 crowned) | 10 | {d(du)} | {d(df)} |")
     v = res.get("flux_variants", {})
     if v:
-        lines += ["", "## FLUX: which keys, which readers (erase / replace, UCE otherwise at its defaults)", "",
+        lines += ["", "## FLUX: which keys, which readers (UCE otherwise at its defaults)", "",
                   "T5 is bidirectional: every token's state depends on the subject. `last`: the last subject token "
                   "(default); `aligned`: UCE's original choice, every row from the subject token through the padding, "
                   "source and destination aligned; `all`: aligned plus the template's tokens before the subject. "
                   "`readers=context`/`pooled`: only one of the two text readers is edited.", "",
                   "| variant | task | edits | SF para | S2D para | HD | edit s |", "|---|---|---|---|---|---|---|"]
-        variants = [("uce (last, both readers)", f, "uce")] + [(m, v, m) for m in v.get("replace", {})]
+        variants = [("uce (last, both readers)", f, "uce")] + [(m, v, m) for m in v.get("erase", {})]
         for label, src, m in variants:
-            for task in ("erase", "replace"):
+            for task in ("erase",):
                 for n, r in sorted(_rows(src, task, m).items()):
                     if n in (10, 100):
                         lines.append(f"| {label} | {task} | {n} | {_v(r, 'SF_para')} | {_v(r, 'S2D_para')} | "
