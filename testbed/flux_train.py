@@ -31,9 +31,8 @@ import torch.nn.functional as F
 
 from .data import caption_for, render_sample, sample_labels
 from .train import (
-    EMA_DECAY,
     LATENT_CHANNELS,
-    LOG_EVERY,
+    BudgetedTraining,
     Captioner,
     atomic_save,
     latent_scale,
@@ -151,7 +150,7 @@ def train_main(out: Path, world, clip, clip_tok, t5_tok, vae, scale: float, minu
 
     def save():
         atomic_save({"t5": t5.state_dict(), "transformer": model.state_dict(), "ema": ema.state_dict(),
-                     "opt": opt.state_dict(), "step": step, "elapsed": time.time() - t0, "text_probe": text_acc,
+                     "opt": opt.state_dict(), "step": loop.step, "elapsed": loop.elapsed(), "text_probe": text_acc,
                      "vocab_completion": vocab}, ck)
 
     rng = random.Random(seed * 1000003 + step)
@@ -159,17 +158,11 @@ def train_main(out: Path, world, clip, clip_tok, t5_tok, vae, scale: float, minu
     gen = torch.Generator().manual_seed(seed * 1000003 + step)
     clip_ids, t5_ids = Captioner(clip_tok), Captioner(t5_tok)
     img_ids, txt_ids = image_ids(SIZE // 2), torch.zeros(MAX_T5_TOKENS, 3)
-    t0, last_ck, last_log = time.time() - elapsed, time.time(), time.time()
-    budget = minutes * 60
+    loop = BudgetedTraining(out, opt, params, ema_params, lr=lr, minutes=minutes, elapsed=elapsed, step=step,
+                            save=save, warmup=100)
     model.train()
-    loss_avg = None
     save()  # phase 1 survives an interruption
-    while time.time() - t0 < budget:
-        frac = (time.time() - t0) / budget
-        warm = min(1.0, (step + 1) / 100)
-        decay = 1.0 if frac < 0.75 else max(0.1, 1 - (frac - 0.75) / 0.25)
-        for g in opt.param_groups:
-            g["lr"] = lr * warm * decay
+    while loop.running():
         labs = [sample_labels(rng, world) for _ in range(batch)]
         x = to_tensor(np.stack([render_sample(world, lab, np_rng) for lab in labs]))
         z = pack(torch.cat([x, torch.zeros_like(x[:, :1])], 1) * scale)  # = vae.encode(x).mean * scale, packed
@@ -182,29 +175,13 @@ def train_main(out: Path, world, clip, clip_tok, t5_tok, vae, scale: float, minu
         noisy = (1 - sig[:, None, None]) * z + sig[:, None, None] * noise
         pred = model(hidden_states=noisy, timestep=sig, guidance=None, pooled_projections=pooled,
                      encoder_hidden_states=states, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
-        loss = F.mse_loss(pred, noise - z)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        d = min(EMA_DECAY, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1 - d)
-        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
-        if time.time() - last_log > LOG_EVERY:
-            log(f"step {step} loss {loss_avg:.4f} lr {opt.param_groups[0]['lr']:.2e} "
-                f"elapsed {(time.time() - t0) / 60:.1f} min", out)
-            last_log = time.time()
-        if time.time() - last_ck > 240:
-            save()
-            last_ck = time.time()
+        loop.update(F.mse_loss(pred, noise - z))
     if vocab is None:  # phase 3, as for the CLIP encoder (text_pretrain.complete_vocabulary)
         vocab = complete_vocabulary(t5, t5_tok, world, unseen_words(world), steps=vocab_steps, seed=seed,
                                     log=lambda m: log(m, out))
     save()
-    log(f"training done: {step} steps, {(time.time() - t0) / 60:.1f} min", out)
-    (out / "train_stats.json").write_text(json.dumps({"steps": step, "minutes": (time.time() - t0) / 60, "batch": batch,
+    log(f"training done: {loop.step} steps, {loop.elapsed() / 60:.1f} min", out)
+    (out / "train_stats.json").write_text(json.dumps({"steps": loop.step, "minutes": loop.elapsed() / 60, "batch": batch,
                                                       "text_probe": text_acc, "vocab_completion": vocab}))
     if export:
         export_pipeline(export, vae, clip, clip_tok, t5, t5_tok, ema, scale)

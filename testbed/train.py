@@ -95,6 +95,52 @@ def latent_scale(world, n: int = 2000, seed: int = 99) -> float:
     return float(1.0 / torch.cat([x, torch.zeros_like(x[:, :1])], 1).std())
 
 
+class BudgetedTraining:
+    """The loop mechanics both testbed trainers share: wall-clock budget, learning rate (linear
+    warm-up, then decay over the last quarter of the budget), gradient clipping, EMA, a running
+    loss in the log and a checkpoint (``save``) every 4 minutes."""
+
+    def __init__(self, out: Path, opt, params, ema_params, *, lr: float, minutes: float, elapsed: float,
+                 step: int, save, warmup: int):
+        self.out, self.opt, self.params, self.ema_params = out, opt, params, ema_params
+        self.lr, self.budget, self.step, self.save, self.warmup = lr, minutes * 60, step, save, warmup
+        self.t0, self.last_ck, self.last_log = time.time() - elapsed, time.time(), time.time()
+        self.loss_avg = None
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+    def running(self) -> bool:
+        """Whether budget is left; sets this step's learning rate."""
+        frac = self.elapsed() / self.budget
+        if frac >= 1:
+            return False
+        warm = min(1.0, (self.step + 1) / self.warmup)
+        decay = 1.0 if frac < 0.75 else max(0.1, 1 - (frac - 0.75) / 0.25)
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr * warm * decay
+        return True
+
+    def update(self, loss: torch.Tensor) -> None:
+        """Backward, clipped optimiser step, EMA; log and checkpoint when due."""
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.step += 1
+        d = min(EMA_DECAY, (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema_params, self.params, 1 - d)
+        self.loss_avg = loss.item() if self.loss_avg is None else 0.98 * self.loss_avg + 0.02 * loss.item()
+        if time.time() - self.last_log > LOG_EVERY:
+            log(f"step {self.step} loss {self.loss_avg:.4f} lr {self.opt.param_groups[0]['lr']:.2e} "
+                f"elapsed {self.elapsed() / 60:.1f} min", self.out)
+            self.last_log = time.time()
+        if time.time() - self.last_ck > 240:
+            self.save()
+            self.last_ck = time.time()
+
+
 # -- phase 4: text encoder + UNet ------------------------------------------------------
 class Captioner:
     def __init__(self, tok):
@@ -165,7 +211,7 @@ def train_main(out: Path, world, tok, vae, scale: float, minutes: float, batch: 
 
     def save():
         atomic_save({"te": te.state_dict(), "unet": unet.state_dict(), "ema_unet": ema_unet.state_dict(),
-                     "opt": opt.state_dict(), "step": step, "elapsed": time.time() - t0, "text_probe": text_acc,
+                     "opt": opt.state_dict(), "step": loop.step, "elapsed": loop.elapsed(), "text_probe": text_acc,
                      "vocab_completion": vocab}, ck)
 
     sched = make_scheduler(train=True)
@@ -173,16 +219,10 @@ def train_main(out: Path, world, tok, vae, scale: float, minutes: float, batch: 
     np_rng = np.random.default_rng(seed * 1000003 + step)
     gen = torch.Generator().manual_seed(seed * 1000003 + step)
     cap = Captioner(tok)
-    t0, last_ck, last_log = time.time() - elapsed, time.time(), time.time()
-    budget = minutes * 60
+    loop = BudgetedTraining(out, opt, params, ema_params, lr=lr, minutes=minutes, elapsed=elapsed, step=step,
+                            save=save, warmup=50)
     unet.train()
-    loss_avg = None
-    while time.time() - t0 < budget:
-        frac = (time.time() - t0) / budget
-        warm = min(1.0, (step + 1) / 50)
-        decay = 1.0 if frac < 0.75 else max(0.1, 1 - (frac - 0.75) / 0.25)
-        for g in opt.param_groups:
-            g["lr"] = lr * warm * decay
+    while loop.running():
         labs = [sample_labels(rng, world) for _ in range(batch)]
         x = to_tensor(np.stack([render_sample(world, l, np_rng) for l in labs]))
         z = torch.cat([x, torch.zeros_like(x[:, :1])], 1) * scale  # = vae.encode(x).mean * scale
@@ -195,31 +235,15 @@ def train_main(out: Path, world, tok, vae, scale: float, minutes: float, batch: 
             cond = te(ids)[0]
         pred = unet(noisy, t, cond).sample
         target = sched.get_velocity(z, noise, t) if sched.config.prediction_type == "v_prediction" else noise
-        loss = F.mse_loss(pred, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        d = min(EMA_DECAY, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1 - d)
-        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
-        if time.time() - last_log > LOG_EVERY:
-            log(f"step {step} loss {loss_avg:.4f} lr {opt.param_groups[0]['lr']:.2e} "
-                f"elapsed {(time.time() - t0) / 60:.1f} min", out)
-            last_log = time.time()
-        if time.time() - last_ck > 240:
-            save()
-            last_ck = time.time()
+        loop.update(F.mse_loss(pred, target))
     if vocab is None:
         # phase 3: embeddings for words no training caption contains (text_pretrain.complete_vocabulary)
         from .text_pretrain import complete_vocabulary, unseen_words
 
         vocab = complete_vocabulary(te, tok, world, unseen_words(world), seed=seed, log=lambda m: log(m, out))
     save()
-    log(f"training done: {step} steps, {(time.time() - t0) / 60:.1f} min", out)
-    (out / "train_stats.json").write_text(json.dumps({"steps": step, "minutes": (time.time() - t0) / 60, "batch": batch,
+    log(f"training done: {loop.step} steps, {loop.elapsed() / 60:.1f} min", out)
+    (out / "train_stats.json").write_text(json.dumps({"steps": loop.step, "minutes": loop.elapsed() / 60, "batch": batch,
                                                       "text_probe": text_acc, "vocab_completion": vocab}))
     if export:
         export_pipeline(export, vae, te, ema_unet, tok, scale)
