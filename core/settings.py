@@ -112,6 +112,7 @@ def spelling(name: str) -> str:
 # -- the methods -------------------------------------------------------------------------------
 CROSS_ATTN_LAYERS = ("kv", "v")
 TOKENS = ("last", "aligned", "all")
+MMDIT_ONLY_TOKENS = ("all",)  # needs a bidirectional encoder (T5): UNet models refuse it (engines/keys.py)
 READERS = ("all", "context", "pooled")
 
 

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..core.settings import SettingsError, build_settings, settings_class, spelling
+from ..core.settings import (
+    MMDIT_ONLY_TOKENS,
+    SettingsError,
+    build_settings,
+    settings_class,
+    spelling,
+)
 from ..engines import compute_delta
 from .common import (
     debias_edits,
@@ -59,6 +65,8 @@ def _widget(f, engine: str, fixed: dict, site: str) -> tuple | None:
     tip = {"tooltip": meta.get("help", "")}
     key = spelling(f.name)
     choices = meta.get("choices") or (("kv", "v") if f.name == "layers" and site == "unet" else None)
+    if f.name == "token":  # the nodes edit SD 1.x/2.x/SDXL, whose engines refuse the T5-only choices
+        choices = tuple(c for c in choices if c not in MMDIT_ONLY_TOKENS)
     if choices:
         ok = _valid_choices(engine, fixed, key, choices)
         return (ok, {"default": ok[0] if f.default not in ok else f.default, **tip}) if len(ok) > 1 else None
