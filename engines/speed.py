@@ -59,8 +59,13 @@ def null_text_states(model: EditableModel) -> torch.Tensor:
     return model.encode_ids([model.padded_ids("")])[0]
 
 
-def speed_delta(model: EditableModel, plan: EditPlan, *, progress: bool = True) -> ConceptDelta:
-    """The SPEED edit of ``plan`` on ``model`` as a ConceptDelta (model untouched)."""
+def speed_delta(model: EditableModel, plan: EditPlan, *, progress: bool = True, noise=None,
+                kmeans_init: list[int] | None = None) -> ConceptDelta:
+    """The SPEED edit of ``plan`` on ``model`` as a ConceptDelta (model untouched).
+
+    For reproducing another run (bench/speed_reference.py): ``noise(layer name, retain keys, aug_num)``
+    returns the (m x aug_num) z of the augmentation copies instead of draws from ``seed``;
+    ``kmeans_init`` gives the k-means starting rows (indices into the null text's states after [SOT])."""
     if hasattr(model, "key_spaces"):
         raise PlanError(f"speed: {model.family} models have no UNet cross-attention; SPEED edits SD 1.x, 2.x and SDXL "
                         "(use uce on FLUX/SD3)")
@@ -74,7 +79,7 @@ def speed_delta(model: EditableModel, plan: EditPlan, *, progress: bool = True) 
         warnings.warn(f"speed: preserve concepts containing an edited concept are not retained: {', '.join(dropped)}",
                       stacklevel=2)
     R = _retain_keys(enc, plan, kept)
-    Kc = invariant_keys(null_text_states(model).double(), s.clusters) if s.invariant else None
+    Kc = invariant_keys(null_text_states(model).double(), s.clusters, init=kmeans_init) if s.invariant else None
     t_keys = time.perf_counter() - t1
 
     K, T = K.double(), T.double()
@@ -87,10 +92,11 @@ def speed_delta(model: EditableModel, plan: EditPlan, *, progress: bool = True) 
     for name, W in tqdm(layers.items(), desc="SPEED layers", disable=not progress, leave=False):
         W = W.detach()
         if shared is None or s.filter or s.aug_num:
-            noise = None
+            z = None
             if s.aug_num and R is not None:
-                noise = torch.randn(R.shape[0], s.aug_num, generator=gen, dtype=torch.float64)
-            rm = retain_moment(W, erase, R, filter=s.filter, noise=noise)
+                z = (noise(name, R, s.aug_num) if noise is not None
+                     else torch.randn(R.shape[0], s.aug_num, generator=gen, dtype=torch.float64))
+            rm = retain_moment(W, erase, R, filter=s.filter, noise=z)
             proj = retain_projector(rm.moment, s.threshold)
             shared = (rm, proj)
         rm, proj = shared
