@@ -19,11 +19,12 @@ keeps, the number of augmented copies kept, and the weight change (max |ours - o
 |official|); and the invariant keys (k-means centres).
 
 ``--time N``: SPEED erasing N concepts (with N retained) against UCE on the same plan, in one
-process, median of ``--repeats`` runs each after a warm-up; ``--family sd15`` for SD 1.5's real
-sizes (random weights, bench/uce_speed.py's builder).
+process, median of ``--repeats`` runs each after a warm-up (each with a fresh key cache: prompt
+encoding included); ``--family sd15`` for SD 1.5's real sizes (random weights, bench/uce_speed.py's
+builder); ``--official``: the official ``edit_model`` too, on the same pipeline and concepts.
 
     python bench/speed_reference.py [--speed-repo /work/.mirror/Ouxiang-Li+SPEED/repo] [--kmeans-wheel W] [--float64]
-    python bench/speed_reference.py --time 100 [--family tiny-sd1|sd15]
+    python bench/speed_reference.py --time 100 [--family tiny-sd1|sd15] [--official --kmeans-wheel W]
 """
 from __future__ import annotations
 
@@ -316,6 +317,24 @@ def timing(args) -> int:
                 times.append(time.perf_counter() - t)
         res[label] = statistics.median(times)
         print(f"  {label:46} {res[label]:7.3f} s   (keys {d.metadata['seconds']['keys']:.3f} s)")
+    if args.official:  # the official edit_model on the same pipeline and concepts (CPU, float32)
+        kmod, _, _ = kmeans_module(args.kmeans_wheel)
+        with tempfile.TemporaryDirectory(prefix="speed_ref_") as tmp:
+            extract(args.speed_repo, Path(tmp))
+            mod = load_official(Path(tmp), kmod)
+        times = []
+        for i in range(args.repeats + 1):
+            torch.manual_seed(0)
+            np.random.seed(0)
+            t = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                mod.edit_model(official_args({}), pipe, list(edits), [""] * len(edits), list(keep), baseline="SPEED",
+                               emb_size=model.key_dim, device="cpu")
+            if i:
+                times.append(time.perf_counter() - t)
+        label = "official edit_model (defaults, CPU float32)"
+        res[label] = statistics.median(times)
+        print(f"  {label:46} {res[label]:7.3f} s")
     ref = res[variants[0][0]]
     for label in res:
         print(f"  {label:46} {res[label] / ref:6.2f} x uce")
@@ -331,6 +350,7 @@ def main(argv=None) -> int:
     ap.add_argument("--time", type=int, metavar="N", help="time SPEED and UCE erasing N concepts instead")
     ap.add_argument("--family", default="tiny-sd1", help="with --time: tiny-sd1, or sd15 (real sizes)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--official", action="store_true", help="with --time: time the official edit_model too")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
