@@ -171,8 +171,8 @@ def cmd_edit(args):
 
     _preflight(args, suffixes={".safetensors": False})
     plan = _plan_from_args(args)
-    # UCE and RECE need only text encoders and the cross-attention weights; EMCID/null-space run the UNet.
-    path, pipe, model = _load(args, lazy=plan.method in ("uce", "rece"))
+    # UCE, RECE and SPEED need only text encoders and the cross-attention weights; EMCID/null-space run the UNet.
+    path, pipe, model = _load(args, lazy=plan.method in ("uce", "rece", "speed"))
     t0 = time.perf_counter()
     delta = compute_delta(model, plan)
     dt = time.perf_counter() - t0
@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--debias", action="append",
                    help='CONCEPT:attr1,attr2[:alpha1,alpha2]; quote a name containing ":" or "," (\'"16:9 photo":a,b\')')
     e.add_argument("--preserve", action="append", help="concept to keep unchanged (repeatable; with --plan: replaces its list)")
-    e.add_argument("--method", help="uce (default), rece, emcid, nullspace or emcid+uce")
+    e.add_argument("--method", help="uce (default), rece, speed, emcid, nullspace or emcid+uce")
     e.add_argument("--lambda", dest="lam", type=float, help="the method's lambda (UCE default 0.5, nullspace 1.0)")
     e.add_argument("--token", choices=["last", "aligned", "all"], help="key tokens (default last; all: T5 keys of FLUX/SD3)")
     e.add_argument("--layers", help="layers to edit: kv | v (cross-attention) or text-encoder layers such as 0-2")

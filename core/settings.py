@@ -170,6 +170,63 @@ class RECESettings(MethodSettings):
 
 
 @dataclass
+class SPEEDSettings(MethodSettings):
+    """SPEED: null-space constrained editing of cross-attention with a refined retain set (IPF, DPA)
+    and invariant equality constraints (IEC) (engines/speed.py, docs/speed.md). Names and defaults are
+    the official code's (train_erase_null.py)."""
+
+    METHOD = "speed"
+    NOT_APPLICABLE = {
+        "lambda": "SPEED's ridge towards the original weights is retain_scale (lamb softens the invariance "
+                  "constraint)",
+        "preserve_scale": "the retain (preserve) set enters through the null-space projector (threshold), "
+                          "not with a weight",
+        "readers": "SPEED edits UNet cross-attention (SD 1.x, 2.x, SDXL) only",
+    }
+    retain_scale: float = _f(1.0, "ridge towards the original weights inside the null space (official "
+                             "--retain_scale: 1.0; 0.05 for its 10/50/100-celebrity runs)", min=0.0)
+    threshold: float = _f(0.1, "eigenvalues of the refined retain set's mean second moment below this (absolute) "
+                          "span the editable null space (official --threshold)", min=0.0)
+    erase_scale: float = _f(1.0, "weight of the edited concepts' keys (a per-edit `weight` overrides it); the edit "
+                            "term is the mean over the edit keys, as the official code", min=0.0)
+    token: str = _f("last", "key tokens: the last subject token (official), or UCE's subject-token-through-padding "
+                    "(aligned; the official code uses every token for 'nudity')", choices=("last", "aligned"))
+    layers: str = _f("v", "cross-attention projections to edit: to_v only (official --params V) or to_k and to_v",
+                     choices=CROSS_ATTN_LAYERS)
+    filter: bool = _f(True, "Influence-based Prior Filtering: keep only the retain keys the unconstrained edit "
+                      "moves more than the mean (official: on unless --disable_filter)")
+    aug_num: int = _f(10, "Directed Prior Augmentation: copies of each kept retain key along the layer's least "
+                      "singular direction, those the edit moves more than the mean kept (official --aug_num; 0: "
+                      "none)", min=0)
+    seed: int = _f(0, "seed of the augmentation noise (official --seed)")
+    invariant: bool = _f(True, "Invariant Equality Constraints: the null text's [SOT] state and k-means centres "
+                         "of its EOS/padding states keep their outputs exactly")
+    clusters: int = _f(3, "k-means centres of the null text's EOS/padding states among the invariant keys "
+                       "(official: 3; 0: the [SOT] state only)", min=0)
+    lamb: float = _f(0.0, "ridge of the invariance constraint: 0 holds it exactly, > 0 only approximately "
+                     "(official --lamb)", min=0.0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.retain_scale == 0:
+            raise SettingsError("speed setting 'retain_scale' must be > 0 (the solve needs a ridge)")
+
+    def check(self, given):
+        if self.aug_num == 0:
+            self.refuse(given, ["seed"], "with aug_num: 0 (no augmentation noise)")
+        if not self.invariant:
+            self.refuse(given, ["clusters", "lamb"], "with invariant: false")
+
+    def inactive(self):
+        out = set()
+        if self.aug_num == 0:
+            out.add("seed")
+        if not self.invariant:
+            out |= {"clusters", "lamb"}
+        return out
+
+
+@dataclass
 class StageISettings(MethodSettings):
     """EMCID stage I (target values); shared by EMCID and null-space editing."""
 
@@ -329,7 +386,7 @@ class EMCIDUCESettings(EMCIDSettings):
 
 SETTINGS: dict[str, type[MethodSettings]] = {
     "uce": UCESettings, "emcid": EMCIDSettings, "nullspace": NullspaceSettings, "emcid+uce": EMCIDUCESettings,
-    "rece": RECESettings,
+    "rece": RECESettings, "speed": SPEEDSettings,
 }
 
 

@@ -15,6 +15,7 @@ ENGINES = {
     "nullspace": ("nullspace", "nullspace_delta"),
     "emcid+uce": ("emcid", "emcid_uce_delta"),
     "rece": ("rece", "rece_delta"),
+    "speed": ("speed", "speed_delta"),
 }
 
 

@@ -15,6 +15,16 @@ from .rece import (
     rece_system,
     rece_system_factored,
 )
+from .speed import (
+    RetainMoment,
+    erase_map,
+    invariant_keys,
+    kmeans,
+    least_direction,
+    retain_moment,
+    retain_projector,
+    speed_solve_layer,
+)
 from .uce import UCESolution, uce_solve, uce_solve_layer
 
 __all__ = [
@@ -24,4 +34,6 @@ __all__ = [
     "EditHistory", "NullSpaceProjector", "null_space_projector", "nullspace_solve_layer",
     "projector_from_keys",
     "RECESystem", "adversarial_embeddings", "output_distance", "rece_system", "rece_system_factored",
+    "RetainMoment", "erase_map", "invariant_keys", "kmeans", "least_direction", "retain_moment", "retain_projector",
+    "speed_solve_layer",
 ]

@@ -20,6 +20,13 @@ So D = up @ down with up = R^T (out x n) and down = K1 U M^{-1} U^T (n x d), M =
 This is exactly AlphaEdit's D = R K1^T P (K1 K1^T P + Kp Kp^T P + lam I)^{-1} (column
 convention): that D satisfies D = D P, and restricted to range(P) the two systems coincide.
 Solving the k x k SPD system by Cholesky avoids the non-symmetric d x d solve.
+
+Equality constraints (SPEED's invariant keys, rows of Kc): D Kc^T = 0 exactly. With Z = U^T Kc^T
+the Lagrangian gives Y = R^T K1 U [M^{-1} - M^{-1} Z (Z^T M^{-1} Z)^{-1} Z^T M^{-1}], which is
+SPEED's d x d form R K1^T P (I - M' K2 (K2^T P M' K2)^{-1} K2^T P) M', M' = (K1 K1^T P + lam I)^{-1}
+(P M' = U M^{-1} U^T). The hard constraint depends only on the span of Z, so Z is replaced by an
+orthonormal basis of it (well conditioned even when Kc lies almost inside the protected space);
+a ridge ``invariant_ridge`` > 0 (SPEED's ``lamb``) softens it to (Z^T M^{-1} Z + ridge I)^{-1} on Z itself.
 """
 from __future__ import annotations
 
@@ -105,9 +112,13 @@ def nullspace_solve_layer(
     lam: float = 1.0,
     dtype: torch.dtype = torch.float64,
     weights: torch.Tensor | None = None,
+    invariant_keys: torch.Tensor | None = None,
+    invariant_ridge: float = 0.0,
 ) -> LayerSolution:
     """Constrained update for one layer (see module docstring). ``history_gram`` is Kp^T Kp;
-    ``weights`` (n,) weight each edit key's fit (|W^(1/2) (D K1^T - R^T)|^2; None: 1)."""
+    ``weights`` (n,) weight each edit key's fit (|W^(1/2) (D K1^T - R^T)|^2; None: 1);
+    ``invariant_keys`` (m, d): rows whose outputs the update must leave exactly unchanged
+    (D Kc^T = 0; with ``invariant_ridge`` > 0 only approximately)."""
     if keys.ndim != 2 or residuals.ndim != 2 or keys.shape[0] != residuals.shape[0]:
         raise ValueError(f"keys {tuple(keys.shape)} and residuals {tuple(residuals.shape)} must be (n, d) and (n, out)")
     if keys.shape[1] != projector.dim:
@@ -131,11 +142,39 @@ def nullspace_solve_layer(
     if history_gram is not None:
         M = M + U.mT @ history_gram.to(dtype) @ U
     M.diagonal().add_(lam)
-    X, report = solve_spd(M, KUw.mT)  # k x n = M^{-1} U^T K1^T W
+    Z = _invariant_basis(invariant_keys, U, invariant_ridge, dtype)
+    if Z is None:
+        X, report = solve_spd(M, KUw.mT)  # k x n = M^{-1} U^T K1^T W
+    else:  # one factorization for both right-hand sides
+        XG, report = solve_spd(M, torch.cat([KUw.mT, Z], 1))
+        X, G = XG[:, :n], XG[:, n:]  # M^{-1} U^T K1^T W, M^{-1} Z
+        S = Z.mT @ G
+        S.diagonal().add_(invariant_ridge)
+        L, _ = solve_spd(S, Z.mT @ X)
+        X = X - G @ L  # [M^{-1} - M^{-1} Z S^{-1} Z^T M^{-1}] U^T K1^T W
     down = (U @ X).mT  # n x d = W K1 U M^{-1} U^T
     return LayerSolution(
         up=residuals.to(dtype).mT, down=down, report=report, kept_rank=k, coverage=projector.coverage(keys)
     )
+
+
+def _invariant_basis(keys, U, ridge: float, dtype, rcond: float = 1e-12):
+    """Z = U^T Kc^T (k x m), or with ridge 0 an orthonormal basis of its span (None: no constraint)."""
+    if keys is None or keys.shape[0] == 0:
+        return None
+    if keys.ndim != 2 or keys.shape[1] != U.shape[0]:
+        raise ValueError(f"invariant keys must be (m, {U.shape[0]}), got {tuple(keys.shape)}")
+    if ridge < 0:
+        raise ValueError("the invariant ridge must be >= 0")
+    check_finite("invariant keys", keys)
+    Kc = keys.to(dtype)
+    Z = U.mT @ Kc.mT
+    if ridge:
+        return Z
+    # components below rcond x the keys' own size are rounding, not directions to hold
+    Q, sv, _ = torch.linalg.svd(Z, full_matrices=False)
+    keep = sv > rcond * Kc.norm(dim=1).max()
+    return Q[:, keep] if keep.any() else None
 
 
 def nullspace_objective(D, keys, residuals, projector, history_gram=None, lam: float = 1.0, weights=None) -> torch.Tensor:

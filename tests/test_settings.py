@@ -99,6 +99,38 @@ def test_rece_update_resolve_uses_lambda_and_preserve_scale_in_every_round(tiny)
         assert _diff(ref, _delta(model, "rece", **(base | {k: v}))) > 1e-3, k
 
 
+# a retain set of more keys than the tiny model's 32 dimensions: its second moment has eigenvalues on
+# both sides of the threshold, so the threshold and the augmentation noise move the projector (on a
+# low-rank retain set the null space is exact, and DPA only adds its direction, whatever the noise)
+SPEED_MANY = {"preserve": ("house bird car horse apple chair table window river mountain flower boat train plane cup "
+                           "bottle book lamp door road bridge castle forest beach cloud moon star sun rock tower").split()}
+SPEED_CASES = [
+    ({}, {"retain_scale": 0.05}),
+    (SPEED_MANY, SPEED_MANY | {"threshold": 0.01}),
+    ({}, {"erase_scale": 3.0}),
+    ({}, {"token": "aligned"}),
+    ({}, {"layers": "kv"}),
+    ({}, {"filter": False}),
+    ({}, {"aug_num": 0}),
+    (SPEED_MANY, SPEED_MANY | {"aug_num": 3}),
+    (SPEED_MANY, SPEED_MANY | {"seed": 1}),
+    ({}, {"invariant": False}),
+    ({}, {"clusters": 1}),
+    ({}, {"lamb": 1.0}),
+    ({}, {"preserve": ["house"]}),
+    ({}, {"preserve_empty": False}),
+    ({}, {"templates": ["a painting of a {}"]}),
+    ({}, {"edits": [{"replace": "cat", "with": "dog", "weight": 5.0}, {"erase": "tree"}]}),
+]
+
+
+@pytest.mark.parametrize("base,changed", SPEED_CASES, ids=[next(k for k in c if k not in b or c[k] != b[k])
+                                                           for b, c in SPEED_CASES])
+def test_every_speed_setting_changes_the_delta(tiny, base, changed):
+    _, model = tiny("sd1")
+    assert _diff(_delta(model, "speed", **base), _delta(model, "speed", **changed)) > 1e-3
+
+
 EMCID_CASES = [
     {"alpha": 0.9},
     {"cov_weight": 10.0},
@@ -224,6 +256,16 @@ def test_nullspace_reports_measured_preserve_drift(tiny, tmp_path):
     ({"method": "rece", "edits": EDITS, "update": "resolve", "adv_preserve_scale": 1.0}, "no effect with update: resolve"),
     ({"method": "rece", "edits": EDITS, "readers": "context"}, "UNet cross-attention"),
     ({"method": "rece", "edits": EDITS, "token": "all"}, "must be one of last, aligned"),
+    ({"method": "speed", "edits": EDITS, "aug_num": 0, "seed": 1}, "no effect with aug_num: 0"),
+    ({"method": "speed", "edits": EDITS, "invariant": False, "lamb": 0.1}, "no effect with invariant: false"),
+    ({"method": "speed", "edits": EDITS, "invariant": False, "clusters": 1}, "no effect with invariant: false"),
+    ({"method": "speed", "edits": EDITS, "retain_scale": 0}, "must be > 0"),
+    ({"method": "speed", "edits": EDITS, "aug_num": -1}, ">= 0"),
+    ({"method": "speed", "edits": EDITS, "lambda": 0.5}, "ridge towards the original weights is retain_scale"),
+    ({"method": "speed", "edits": EDITS, "preserve_scale": 2.0}, "null-space projector"),
+    ({"method": "speed", "edits": EDITS, "readers": "context"}, "UNet cross-attention"),
+    ({"method": "speed", "edits": EDITS, "token": "all"}, "must be one of last, aligned"),
+    ({"method": "speed", "edits": EDITS, "layers": "k"}, "must be one of kv, v"),
     ({"method": "uce2", "edits": EDITS}, "unknown method"),
 ])
 def test_bad_plans_are_refused_with_a_message(d, msg):
