@@ -78,6 +78,11 @@ def make_methods(specs: list[str], corpus) -> dict:
         if name in ("uce", "emcid", "nullspace", "emcid+uce", "nullspace-xattn", "emcid-distill"):
             out.update(build_methods([spec], corpus))
         elif registered(name):
+            from concept_edit.core.settings import settings_class
+
+            fields = {f.name for f in dataclasses.fields(settings_class(name))}
+            if "corpus" in fields and "corpus" not in opts:  # the testbed's captions, as the presets get
+                opts["corpus"] = corpus
             out[spec] = engine_method(name, opts)
         else:
             print(f"skipping method {spec}: not registered in this checkout", file=sys.stderr)
@@ -276,7 +281,9 @@ def conditions(res: dict) -> str:
     return (f"bundled UNet testbed model (`concept_edit/testbed/assets/model`), objects erased towards \"\" at counts "
             f"{', '.join(map(str, res['counts']))} (count 1: {a['singles']} separate single-object edits; larger counts: "
             f"{a['sample']} of the erased objects attacked, evenly spaced); {a['images']} images per object per attack "
-            f"(para: 5 held-out templates x 1, alias: {len(ALIAS_TEMPLATES)} templates x 1); fixed seeds; "
+            f"(para: 5 held-out templates x 1, alias: {len(ALIAS_TEMPLATES)} templates x 1); fixed seeds (image k of object i: "
+            f"40000 + 37 i + k, +1000 soft, +2000 search; para/alias 41000 + 37 i + k; soft-prompt optimiser seed "
+            f"{a.get('seed', 0)}, token search seed i); "
             f"soft prompt: {a['soft_tokens']} tokens, {a['soft_steps']} Adam steps (lr {a['soft_lr']}, "
             f"{a['soft_batch']} noised renders per object per step); token search: {a['search_tokens']} words, "
             f"{a['search_iters']} GCG iterations x {a['search_tokens']} x {a['search_top_k']} candidates over "
@@ -294,6 +301,8 @@ def write_report(res: dict, out: Path, cmd: str):
     lines = ["# Attacks on erased objects (testbed)", "",
              f"**Conditions:** {conditions(res)}.", "",
              f"Reproduce: `{cmd}`.", "",
+             *(["## Findings", "", *res["notes"], ""] if res.get("notes") else []),
+             "## Results", "",
              "ASR = attack success rate, the share of generations the classifier reads as the erased object "
              "(shape, colour and pattern all right); forget = 1 - that share for the plain prompt "
              f"`{PLAIN_TEMPLATE[0]} <name>` (no attack); before = the unedited model on the same prompts and seeds; "
@@ -313,13 +322,12 @@ def write_report(res: dict, out: Path, cmd: str):
     lines += ["", "Unedited model on the attack prompts (same seeds): "
               + "; ".join(f"para {r.get('para_before', 0):.2f}, alias {r.get('alias_before', 0):.2f} (n={r['n']})"
                           for r in next(iter(res["methods"].values())) if "error" not in r) + ".", ""]
-    if res.get("notes"):
-        lines += ["## Notes", "", *res["notes"], ""]
     lines += ["![attacks](attacks.png)", ""]
     (out / "README.md").write_text("\n".join(lines))
     keys = [("forget", "no attack: forget rate"), ("para", "ASR paraphrase"), ("alias", "ASR alias"),
             ("soft", "ASR soft prompt"), ("search", "ASR token search"), ("HD", "holdout delta")]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.4))
+    fig, axes = plt.subplots(2, 3, figsize=(12, 7))
+    axes = axes.ravel()
     for m, rows in res["methods"].items():
         ok = [r for r in rows if "error" not in r]
         for ax, (k, _) in zip(axes, keys):
@@ -401,7 +409,7 @@ def main(argv=None):
 
 
 def report(out: Path):
-    """README.md and attacks.png of ``out/results.json``; ``out/notes.md`` (if any) becomes the Notes section."""
+    """README.md and attacks.png of ``out/results.json``; ``out/notes.md`` (if any) becomes the Findings section."""
     res = json.loads((out / "results.json").read_text())
     notes_file = out / "notes.md"
     res["notes"] = notes_file.read_text().splitlines() if notes_file.exists() else []
