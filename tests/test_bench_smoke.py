@@ -38,3 +38,18 @@ def test_quick_run_reference_matches_concept_edit(bench, tmp_path):
         assert r["ce32_peak_mb"] > 0
     assert "| tiny-sd1 | 3 |" in summary["markdown"]
     assert (tmp_path / "r.json").exists()
+
+
+def test_mmdit_speed_quick_runs_all_variants():
+    """bench/mmdit_speed.py on a tiny FLUX pipeline: floor, ConceptEdit and the published loop all
+    run on the same prompts, and the comparison against ConceptEdit's delta is computed."""
+    spec = importlib.util.spec_from_file_location("mmdit_speed_bench", BENCH.with_name("mmdit_speed.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = {r["variant"]: r for r in mod.run_model("tiny-flux", [2], ["floor", "ce", "ref"], 24, calibrate=False)}
+    assert set(rows) == {"floor", "ce", "ref"} and not any("error" in r for r in rows.values()), rows
+    assert rows["ce"]["distinct_prompts"] == rows["floor"]["distinct_prompts"] == 5  # 2 erased, 2 preserved, ""
+    assert all(rows[v]["seconds"] > 0 and rows[v]["peak_mb"] > 0 for v in rows)
+    # the published loop regresses onto outputs that include the bias: its preserved outputs move
+    assert rows["ref"]["ref_preserve_shift_context_embedder"] > 0
+    assert {"weight_rel_diff_context_embedder", "weight_rel_diff_pooled"} <= set(rows["ref"])
