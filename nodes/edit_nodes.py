@@ -207,15 +207,18 @@ def edit_node(method_key: str, kind: str, model, clip, *, preserve: str = "", st
 def run_edit(model, clip, plan, *, strength: float = 1.0, base: str = "patched", site: str = "unet"):
     """Compute ``plan`` on (model, clip) and return the node result with its UI summary."""
     from ..adapters.comfy_host import comfy_host
-    from ..adapters.comfy_model import ComfyEditableModel
+    from ..adapters.comfy_mmdit import comfy_editable_model, mmdit_family
     from ..adapters.comfy_text_encoder import text_encoder_model
     from .patches import apply_to_comfy
 
     if site == "text_encoder":
+        if model is not None and mmdit_family(model):
+            raise ValueError(f"{plan.method} edits the CLIP text encoders of SD 1.x, 2.x and SDXL; a "
+                             f"{mmdit_family(model)} model is edited with the UCE nodes (its text readers)")
         em = text_encoder_model(clip, model)
         base = "patched"  # the CLIP's own patches are always included
-    else:
-        em = ComfyEditableModel(model, clip, base=base)
+    else:  # FLUX / SD3 MODELs: their text readers (adapters/comfy_mmdit.py); else UNet cross-attention
+        em = comfy_editable_model(model, clip, base=base)
     with comfy_host():  # ComfyUI's progress bar (and Cancel) for every phase; caches in models/concept_edit
         delta = compute_delta(em, plan, progress=False)
     delta.metadata.setdefault("comfyui", {})["base"] = base
