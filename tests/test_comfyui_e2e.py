@@ -318,6 +318,32 @@ if "pytest" in sys.modules:  # the module is also run as a script (python test_c
             with urllib.request.urlopen(f"{server.url}/api/workflow_templates/ConceptEdit/{name}.jpg", timeout=60) as r:
                 assert r.headers["Content-Type"] == "image/jpeg" and r.read(3) == b"\xff\xd8\xff", name
 
+    def test_flux_workflow_fits_the_servers_nodes(object_info):
+        """The FLUX example does not run here (FLUX.1's files are 30 GB; the UCE node on ComfyUI's FLUX
+        objects is run on the smallest FLUX ComfyUI detects in test_comfyui_flux.py), but it converts
+        with this server's /object_info: every node exists, every required input is given, and every
+        widget value is one the server accepts (its model file names aside)."""
+        prompt = ui_to_api(load_workflow("flux_erase_artist_style.json"), object_info)
+        files = {("UNETLoader", "unet_name"), ("DualCLIPLoader", "clip_name1"), ("DualCLIPLoader", "clip_name2"),
+                 ("VAELoader", "vae_name")}
+        assert {n["class_type"] for n in prompt.values()} >= {"UNETLoader", "DualCLIPLoader", "ConceptEditUCEErase"}
+        for n in prompt.values():
+            c, info = n["class_type"], object_info[n["class_type"]]
+            specs = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+            assert set(info["input"].get("required", {})) <= set(n["inputs"]), (c, set(info["input"]["required"]) - set(n["inputs"]))
+            for name, v in n["inputs"].items():
+                typ, opts = specs[name][0], (specs[name] + [{}])[1]
+                if isinstance(v, list) or (c, name) in files:  # a link, or a file on the user's disk
+                    continue
+                if isinstance(typ, list) or typ == "COMBO":
+                    assert v in (typ if isinstance(typ, list) else opts["options"]), (c, name, v)
+                elif typ in ("INT", "FLOAT"):
+                    assert opts.get("min", v) <= v <= opts.get("max", v), (c, name, v)
+                else:
+                    assert isinstance(v, {"STRING": str, "BOOLEAN": bool}[typ]), (c, name, v)
+        (edit,) = [n for n in prompt.values() if n["class_type"] == "ConceptEditUCEErase"]
+        assert edit["inputs"]["concepts"] == "Van Gogh" and edit["inputs"]["layers"] == "kv"
+
     @pytest.fixture(scope="module")
     def erased(server, object_info):
         prompt = cpu_sized(ui_to_api(load_workflow("erase_artist_style_save_lora.json"), object_info))
