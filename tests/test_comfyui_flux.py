@@ -11,7 +11,7 @@ rows and CLIP-L pooled, through ``encode_from_tokens``) equal those the diffuser
 on a FluxPipeline holding the same weights and tokenizers at ``max_sequence_length=256``, and so do
 the deltas; every UCE node (erase, replace, moderate, debias) patches exactly ``txt_in`` and
 ``vector_in.in_layer`` of a MODEL clone by the delta, leaves its inputs and the CLIP untouched;
-``layers: v`` is refused with a message; the saved LoRA loads through ComfyUI's loader with every
+``layers: v`` is refused with a message, and so are the RECE, SPEED and EMCID nodes; the saved LoRA loads through ComfyUI's loader with every
 key used; a 1-step sample of the edited model is finite and differs from the unedited one's.
 """
 from __future__ import annotations
@@ -139,6 +139,18 @@ try:
     raise SystemExit("layers 'v' was accepted on FLUX")
 except ValueError as e:
     assert "'layers'" in str(e) and "readers" in str(e), e
+
+# the nodes of methods that have no FLUX form refuse it with a message
+for node_id, kw, msg in (("ConceptEditRECEErase", dict(KINDS["ConceptEditUCEErase"]), "does not support flux"),
+                         ("ConceptEditSPEEDErase", {k: v for k, v in KINDS["ConceptEditUCEErase"].items() if k != "lambda_"},
+                          "does not support flux"),
+                         ("ConceptEditEMCIDErase", {k: v for k, v in KINDS["ConceptEditUCEErase"].items() if k != "lambda_"},
+                          "edited with the UCE nodes")):
+    try:
+        NODES[node_id].execute(model=model, clip=clip, strength=1.0, **kw)
+        raise SystemExit(f"{node_id} ran on FLUX")
+    except ValueError as e:
+        assert msg in str(e), (node_id, e)
 
 # base: a LoRA on the MODEL is included (patched) or not (original)
 m2, _, delta = outs["ConceptEditUCEErase"]
