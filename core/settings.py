@@ -138,26 +138,26 @@ class RECESettings(MethodSettings):
     METHOD = "rece"
     NOT_APPLICABLE = {"readers": "RECE edits UNet cross-attention (SD 1.x, 2.x, SDXL) only"}
     lam: float = _f(0.5, "the UCE edit's ridge towards the original weights (lambda; with update: resolve also every "
-                    "round's)", min=0.0)
+                    "round's)", min=0.0, node=True)
     erase_scale: float = _f(1.0, "weight of the edited concepts' keys and of their adversarial keys (a per-edit `weight` "
-                            "overrides it)", min=0.0)
+                            "overrides it)", min=0.0, node=True)
     preserve_scale: float = _f(1.0, "weight of the preserved concepts' keys in the UCE edit (with update: resolve also in "
-                               "every round)", min=0.0)
+                               "every round)", min=0.0, node=True)
     token: str = _f("last", "key tokens: the last subject token, or UCE's subject-token-through-padding (aligned); the "
-                    "adversarial keys are taken at the same tokens", choices=("last", "aligned"))
+                    "adversarial keys are taken at the same tokens", choices=("last", "aligned"), node=True)
     layers: str = _f("kv", "cross-attention projections to edit: to_k and to_v, or to_v only (the adversarial embedding "
-                     "always reads both)", choices=CROSS_ATTN_LAYERS)
+                     "always reads both)", choices=CROSS_ATTN_LAYERS, node=True)
     epochs: int = _f(1, "rounds of attack and re-erasure after the UCE edit (official: 1 for objects and styles, 2 for "
-                     "unsafe concepts, 3 for nudity); for none use uce", min=1)
+                     "unsafe concepts, 3 for nudity); for none use uce", min=1, node=True)
     reg_lambda: float = _f(1e-3, "the paper's lambda: weight of |c'|^2 in the adversarial embedding's closed form (official "
-                           "--regular_scale: 1e-3 for styles and hard objects, 0.1 for nudity and easy objects)", min=0.0)
+                           "--regular_scale: 1e-3 for styles and hard objects, 0.1 for nudity and easy objects)", min=0.0, node=True)
     adv_ridge: float = _f(0.1, "each round's ridge towards the current weights (official --lamb, 0.1 in the paper's Eq. 3)",
-                          min=0.0)
+                          min=0.0, node=True)
     adv_preserve_scale: float = _f(0.1, "weight of the preserved keys in each round (official --preserve_scale, 0.1 in "
-                                   "the paper's Eq. 3)", min=0.0)
+                                   "the paper's Eq. 3)", min=0.0, node=True)
     update: str = _f("accumulate", "accumulate: each round edits the current weights with that round's adversarial keys "
                      "(the official code); resolve: each round re-solves UCE from the original weights with the concept "
-                     "keys plus every round's adversarial keys", choices=("accumulate", "resolve"))
+                     "keys plus every round's adversarial keys", choices=("accumulate", "resolve"), node=True)
 
     ROUND_KEYS = ("adv_ridge", "adv_preserve_scale")
 
@@ -184,27 +184,27 @@ class SPEEDSettings(MethodSettings):
         "readers": "SPEED edits UNet cross-attention (SD 1.x, 2.x, SDXL) only",
     }
     retain_scale: float = _f(1.0, "ridge towards the original weights inside the null space (official "
-                             "--retain_scale: 1.0; 0.05 for its 10/50/100-celebrity runs)", min=0.0)
+                             "--retain_scale: 1.0; 0.05 for its 10/50/100-celebrity runs)", min=0.0, node=True)
     threshold: float = _f(0.1, "eigenvalues of the refined retain set's mean second moment below this (absolute) "
-                          "span the editable null space (official --threshold)", min=0.0)
+                          "span the editable null space (official --threshold)", min=0.0, node=True)
     erase_scale: float = _f(1.0, "weight of the edited concepts' keys (a per-edit `weight` overrides it); the edit "
-                            "term is the mean over the edit keys, as the official code", min=0.0)
+                            "term is the mean over the edit keys, as the official code", min=0.0, node=True)
     token: str = _f("last", "key tokens: the last subject token (official), or UCE's subject-token-through-padding "
-                    "(aligned; the official code uses every token for 'nudity')", choices=("last", "aligned"))
+                    "(aligned; the official code uses every token for 'nudity')", choices=("last", "aligned"), node=True)
     layers: str = _f("v", "cross-attention projections to edit: to_v only (official --params V) or to_k and to_v",
-                     choices=CROSS_ATTN_LAYERS)
+                     choices=CROSS_ATTN_LAYERS, node=True)
     filter: bool = _f(True, "Influence-based Prior Filtering: keep only the retain keys the unconstrained edit "
-                      "moves more than the mean (official: on unless --disable_filter)")
+                      "moves more than the mean (official: on unless --disable_filter)", node=True)
     aug_num: int = _f(10, "Directed Prior Augmentation: copies of each kept retain key along the layer's least "
                       "singular direction, those the edit moves more than the mean kept (official --aug_num; 0: "
-                      "none)", min=0)
-    seed: int = _f(0, "seed of the augmentation noise (official --seed)")
+                      "none)", min=0, node=True)
+    seed: int = _f(0, "seed of the augmentation noise (official --seed)", node=True)
     invariant: bool = _f(True, "Invariant Equality Constraints: the null text's [SOT] state and k-means centres "
-                         "of its EOS/padding states keep their outputs exactly")
+                         "of its EOS/padding states keep their outputs exactly", node=True)
     clusters: int = _f(3, "k-means centres of the null text's EOS/padding states among the invariant keys "
-                       "(official: 3; 0: the [SOT] state only)", min=0)
+                       "(official: 3; 0: the [SOT] state only)", min=0, node=True)
     lamb: float = _f(0.0, "ridge of the invariance constraint: 0 holds it exactly, > 0 only approximately "
-                     "(official --lamb)", min=0.0)
+                     "(official --lamb)", min=0.0, node=True)
 
     def __post_init__(self):
         super().__post_init__()

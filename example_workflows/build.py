@@ -25,6 +25,12 @@ BUILTIN = {
     "SaveImage": ([("images", "IMAGE")], []),
     "PreviewImage": ([("images", "IMAGE")], []),
     "LoraLoader": ([("model", "MODEL"), ("clip", "CLIP")], [("MODEL", "MODEL"), ("CLIP", "CLIP")]),
+    # FLUX: the diffusion model, its two text encoders and its VAE come as separate files
+    "UNETLoader": ([], [("MODEL", "MODEL")]),
+    "DualCLIPLoader": ([], [("CLIP", "CLIP")]),
+    "VAELoader": ([], [("VAE", "VAE")]),
+    "FluxGuidance": ([("conditioning", "CONDITIONING")], [("CONDITIONING", "CONDITIONING")]),
+    "EmptySD3LatentImage": ([], [("LATENT", "LATENT")]),
 }
 DELTA = "CONCEPT_DELTA"
 ATT = "CONCEPT_ATTENTION"
@@ -165,11 +171,46 @@ def debias():
                      "fit calibrated alphas with concept_edit.engines.debias.fit_debias and paste them in).")
 
 
+def flux_erase():
+    """UCE on FLUX: the node edits txt_in (T5 states) and vector_in (CLIP-L pooled); docs/mmdit.md."""
+    g = Graph()
+    unet = g.add("UNETLoader", ["flux1-dev.safetensors", "default"], (0, 0), (320, 90))
+    te = g.add("DualCLIPLoader", ["t5xxl_fp16.safetensors", "clip_l.safetensors", "flux", "default"], (0, 130), (320, 130))
+    vae = g.add("VAELoader", ["ae.safetensors"], (0, 300), (320, 60))
+    ed = g.add("ConceptEditUCEErase", ERASE, (360, 0), (380, 720))
+    sv = g.add("ConceptEditSaveDelta", ["concept_edit/flux_erase_van_gogh", 0, "lora"], (780, 0), (320, 130))
+    g.link(unet, 0, ed, "model")
+    g.link(te, 0, ed, "clip")
+    g.link(ed, 2, sv, "delta")
+    pos = g.add("CLIPTextEncode", [PROMPT], (0, 800), (400, 160))
+    guid = g.add("FluxGuidance", [3.5], (430, 800), (300, 60))
+    neg = g.add("CLIPTextEncode", [""], (0, 990), (400, 120))
+    lat = g.add("EmptySD3LatentImage", [1024, 1024, 1], (0, 1140), (320, 110))
+    ks = g.add("KSampler", [42, "fixed", 20, 1.0, "euler", "simple", 1.0], (760, 800), (320, 270))
+    dec = g.add("VAEDecode", [], (1110, 800), (210, 50))
+    save = g.add("SaveImage", ["concept_edit/flux_erased"], (1340, 800), (360, 380))
+    g.link(ed, 1, pos, "clip")
+    g.link(ed, 1, neg, "clip")
+    g.link(pos, 0, guid, "conditioning")
+    g.link(ed, 0, ks, "model")
+    g.link(guid, 0, ks, "positive")
+    g.link(neg, 0, ks, "negative")
+    g.link(lat, 0, ks, "latent_image")
+    g.link(ks, 0, dec, "samples")
+    g.link(vae, 0, dec, "vae")
+    g.link(dec, 0, save, "images")
+    return g.to_json("Erase an artist's style from FLUX.1 (UCE on its text readers: txt_in reads the T5 states, "
+                     "vector_in the CLIP-L pooled vector; the UCE node edits FLUX and SD3 MODEL/CLIP pairs as they come "
+                     "from ComfyUI's loaders), save the edit as a LoRA and sample the artist's prompt (cfg 1, guidance "
+                     "3.5). Pick your FLUX files in the three loaders.")
+
+
 WORKFLOWS = {
     "erase_artist_style_save_lora.json": erase_and_save,
     "load_delta_and_sample.json": load_and_sample,
     "attention_maps_before_after_edit.json": attention_before_after,
     "debias_profession.json": debias,
+    "flux_erase_artist_style.json": flux_erase,
 }
 
 

@@ -10,6 +10,7 @@ Edits are computed against the *effective* weights: the MODEL's and CLIP's exist
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from ..core.settings import (
     MMDIT_ONLY_TOKENS,
@@ -42,6 +43,9 @@ METHODS = {
     "emcid": ("EMCID", "emcid", ("erase", "replace", "moderate"), {"targets": "dest_hidden"}, "text_encoder"),
     "nullspace_te": ("Null-space TE", "nullspace", ("erase", "replace", "moderate"),
                      {"site": "text_encoder", "targets": "dest_hidden", "projector": "preserve"}, "text_encoder"),
+    # RECE attacks the concepts of erase / replace edits (a plan of only moderate or debias edits is UCE's)
+    "rece": ("RECE", "rece", ("erase", "replace"), {}, "unet"),
+    "speed": ("SPEED", "speed", ("erase", "replace", "moderate", "debias"), {}, "unet"),
 }
 WIDGET_NAMES = {"lam": "lambda_"}  # widget name -> kept from earlier releases (saved graphs use it)
 
@@ -77,7 +81,9 @@ def _widget(f, engine: str, fixed: dict, site: str) -> tuple | None:
     lo = meta.get("min")
     if isinstance(f.default, int):
         return ("INT", {"default": f.default, "min": -(2**31) if lo is None else int(lo), "max": 2**31 - 1, **tip})
-    return ("FLOAT", {"default": float(f.default), "min": -1e6 if lo is None else lo, "max": 1e6, "step": 0.01, **tip})
+    # the frontend rounds a FLOAT widget to its step: a smaller default (RECE's reg_lambda 1e-3) needs a finer one
+    step = 10.0 ** math.floor(math.log10(f.default)) if 0 < f.default < 0.01 else 0.01
+    return ("FLOAT", {"default": float(f.default), "min": -1e6 if lo is None else lo, "max": 1e6, "step": step, **tip})
 
 
 def setting_widgets(method_key: str) -> dict[str, tuple]:
@@ -96,14 +102,31 @@ def setting_widgets(method_key: str) -> dict[str, tuple]:
 
 
 def node_settings(method_key: str, widgets: dict) -> dict:
-    """Settings values (edit-file spelling) from a node's widget values; empty strings mean default."""
-    _, _, _, fixed, _ = METHODS[method_key]
+    """Settings values (edit-file spelling) from a node's widget values; empty strings mean default.
+
+    A widget left at its setting's default is not passed as given: a node sends every widget's
+    value, so otherwise a setting another one makes ineffective (RECE's adv_ridge with update:
+    resolve, the null-space preserve_scale with a relative threshold) would be refused although the
+    user never touched it. Changed from the default, it is refused with the reason."""
+    _, engine, _, fixed, _ = METHODS[method_key]
+    defaults = {f.name: f.default for f in dataclasses.fields(settings_class(engine))}
     back = {v: k for k, v in WIDGET_NAMES.items()}
     values = dict(fixed)
     for w, v in widgets.items():
-        if not (isinstance(v, str) and not v.strip()):
-            values[spelling(back.get(w, w))] = v
+        name = back.get(w, w)
+        if isinstance(v, str) and not v.strip():
+            continue
+        if name not in fixed and name in defaults and _same(v, defaults[name]):
+            continue
+        values[spelling(name)] = v
     return values
+
+
+def _same(value, default) -> bool:
+    """A widget value equal to the setting's default (widgets send floats for ints and back)."""
+    if isinstance(value, bool) or isinstance(default, bool):
+        return type(value) is type(default) and value == default
+    return value == default
 
 
 # The inputs of each edit kind, before the shared ones (host-neutral widget specs).
@@ -184,15 +207,18 @@ def edit_node(method_key: str, kind: str, model, clip, *, preserve: str = "", st
 def run_edit(model, clip, plan, *, strength: float = 1.0, base: str = "patched", site: str = "unet"):
     """Compute ``plan`` on (model, clip) and return the node result with its UI summary."""
     from ..adapters.comfy_host import comfy_host
-    from ..adapters.comfy_model import ComfyEditableModel
+    from ..adapters.comfy_mmdit import comfy_editable_model, mmdit_family
     from ..adapters.comfy_text_encoder import text_encoder_model
     from .patches import apply_to_comfy
 
     if site == "text_encoder":
+        if model is not None and mmdit_family(model):
+            raise ValueError(f"{plan.method} edits the CLIP text encoders of SD 1.x, 2.x and SDXL; a "
+                             f"{mmdit_family(model)} model is edited with the UCE nodes (its text readers)")
         em = text_encoder_model(clip, model)
         base = "patched"  # the CLIP's own patches are always included
-    else:
-        em = ComfyEditableModel(model, clip, base=base)
+    else:  # FLUX / SD3 MODELs: their text readers (adapters/comfy_mmdit.py); else UNet cross-attention
+        em = comfy_editable_model(model, clip, base=base)
     with comfy_host():  # ComfyUI's progress bar (and Cancel) for every phase; caches in models/concept_edit
         delta = compute_delta(em, plan, progress=False)
     delta.metadata.setdefault("comfyui", {})["base"] = base

@@ -22,10 +22,13 @@ class UnloadedKeysError(ValueError):
     pass
 
 
+MODEL_COMPONENTS = ("unet.", "transformer.")  # the denoiser: UNet, or a FLUX/SD3 transformer
+
+
 def split_components(delta: ConceptDelta) -> tuple[ConceptDelta, ConceptDelta]:
-    """(UNet part, text-encoder part) of a delta."""
-    unet = {k: v for k, v in delta.layers.items() if k.startswith("unet.")}
-    te = {k: v for k, v in delta.layers.items() if not k.startswith("unet.")}
+    """(denoiser part, text-encoder part) of a delta: what patches the MODEL, what patches the CLIP."""
+    unet = {k: v for k, v in delta.layers.items() if k.startswith(MODEL_COMPONENTS)}
+    te = {k: v for k, v in delta.layers.items() if not k.startswith(MODEL_COMPONENTS)}
     return ConceptDelta(unet, dict(delta.metadata)), ConceptDelta(te, dict(delta.metadata))
 
 
@@ -36,7 +39,7 @@ def comfy_patches(lora_sd: dict, key_map: dict) -> tuple[dict, list[str]]:
     patches = comfy.lora.load_lora(lora_sd, key_map, log_missing=False)
     used = set()
     for base in key_map:
-        for suffix in (".lora_up.weight", ".lora_down.weight", ".alpha"):
+        for suffix in (".lora_up.weight", ".lora_down.weight", ".alpha", ".lora_A.weight", ".lora_B.weight"):
             if base + suffix in lora_sd:
                 used.add(base + suffix)
     unloaded = sorted(k for k in lora_sd if k not in used)
@@ -91,7 +94,7 @@ def apply_to_comfy(delta: ConceptDelta, model=None, clip=None, *, strength_model
     new_model, new_clip = model, clip
     if unet_part.layers:
         if model is None:
-            raise UnloadedKeysError("the delta edits UNet layers but no MODEL is connected")
+            raise UnloadedKeysError("the delta edits the denoiser's layers but no MODEL is connected")
         new_model, info["unet_layers"] = _patched(unet_part, model, model.model, comfy.lora.model_lora_keys_unet,
                                                   strength_model, "UNet")
     if te_part.layers:

@@ -2,7 +2,7 @@
 
 Run in ComfyUI's Python (it needs diffusers, transformers and ComfyUI)::
 
-    python tests/comfyui_checkpoints.py sd2|sdxl OUT.safetensors
+    python tests/comfyui_checkpoints.py sd2|sdxl|flux OUT.safetensors
 
 Why not ComfyUI's diffusers loader + ``save_checkpoint`` (what the SD 1.5 test checkpoint uses):
 that holds the whole model in memory, twice while saving, and SDXL's UNet alone is 2.6 B
@@ -22,6 +22,7 @@ is seeded from its name, so a rebuild is identical.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import resource
@@ -122,6 +123,88 @@ def write_checkpoint(family: str, out: Path) -> dict:
     return {"tensors": len(specs), "parameters": sum(torch.Size(s[2]).numel() for s in specs)}
 
 
+# ---------------------------------------------------------------------------------------- FLUX.1
+# ComfyUI decides a FLUX checkpoint's shapes itself (comfy/model_detection.py): hidden size 3072,
+# 24 heads of 128, a 4096-wide context (T5-XXL) and the 16-channel latent are fixed; only the block
+# counts and the pooled width (vector_in) come from the file. So the smallest FLUX it detects is
+# one double block and no single blocks at the real width: 0.39 B parameters. Its text encoders
+# are fixed too: clip_l from sd1_clip_config.json and T5-XXL from t5_config_xxl.json (4.7 B
+# parameters, 9.5 GB in float16), sized from the json, not from the file. ComfyUI's own
+# ``te_model_options`` (``{"t5xxl_model_config": {...}}``, read by SDClipModel) overrides that
+# config: the file holds a T5 at XXL's width (the context must stay 4096) with one layer, two
+# heads and a 256-wide feed-forward, which ComfyUI then builds and loads with nothing missing.
+FLUX_UNET = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
+                 hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=1, depth_single_blocks=0, axes_dim=[16, 56, 56],
+                 theta=10000, qkv_bias=True, guidance_embed=False, patch_size=2)
+TINY_T5 = {"num_layers": 1, "num_heads": 2, "d_ff": 256}  # d_model 4096, d_kv 64, vocab 32128: T5-XXL's
+FLUX_TE_OPTIONS = {"t5xxl_model_config": TINY_T5}  # what a loader must pass: load_checkpoint_guess_config(te_model_options=)
+
+
+def t5_config(**over):
+    """transformers' T5Config of ComfyUI's t5_config_xxl.json with ``over`` applied (as ComfyUI applies them)."""
+    from transformers import T5Config
+
+    cfg = json.loads((Path(os.environ["COMFYUI_PATH"]) / "comfy" / "text_encoders" / "t5_config_xxl.json").read_text())
+    cfg.update(over)
+    return T5Config(vocab_size=cfg["vocab_size"], d_model=cfg["d_model"], d_kv=cfg["d_kv"], d_ff=cfg["d_ff"],
+                    num_layers=cfg["num_layers"], num_heads=cfg["num_heads"], feed_forward_proj="gated-gelu",
+                    relative_attention_num_buckets=cfg["relative_attention_num_buckets"],
+                    layer_norm_epsilon=cfg["layer_norm_epsilon"], is_encoder_decoder=False, use_cache=False)
+
+
+def flux_shapes() -> dict[str, tuple]:
+    """checkpoint key -> shape: ComfyUI's own FLUX module (on the meta device), CLIP-L, the tiny T5."""
+    sys.path.insert(0, os.environ["COMFYUI_PATH"])
+    from comfy.cli_args import args
+
+    args.cpu = True
+    import comfy.ldm.flux.model
+    import comfy.ops
+    from transformers import CLIPTextConfig, CLIPTextModel, T5EncoderModel
+
+    flux = comfy.ldm.flux.model.Flux(operations=comfy.ops.disable_weight_init, device="meta", **FLUX_UNET)
+    out = {f"model.diffusion_model.{k}": tuple(v.shape) for k, v in flux.state_dict().items()}
+    with torch.device("meta"):
+        clip_l = CLIPTextModel(CLIPTextConfig(**CLIP_L))
+        t5 = T5EncoderModel(t5_config(**TINY_T5))
+    for k, v in clip_l.state_dict().items():
+        k = k if k.startswith("text_model.") else "text_model." + k  # transformers >= 5 flattens CLIPTextModel
+        if "position_ids" not in k:
+            out[f"text_encoders.clip_l.transformer.{k}"] = tuple(v.shape)
+    for k, v in t5.state_dict().items():
+        if k != "encoder.embed_tokens.weight":  # tied to shared.weight; ComfyUI's T5 has only that
+            out[f"text_encoders.t5xxl.transformer.{k}"] = tuple(v.shape)
+    return out
+
+
+def draw_flux(key: str, shape) -> torch.Tensor:
+    g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+    leaf = key.rsplit(".", 2)
+    if key.endswith((".scale", "layer_norm.weight", "final_layer_norm.weight")) or (
+            "norm" in leaf[-2] and key.endswith(".weight") and len(shape) == 1):
+        return torch.ones(shape)
+    if key.endswith(".bias"):
+        return torch.zeros(shape)
+    if key.startswith("text_encoders.clip_l."):
+        return draw(key[len("text_encoders.clip_l.transformer."):], shape, CLIP_L)
+    if key.endswith("shared.weight"):
+        return torch.randn(shape, generator=g)  # T5's embedding (std 1, as T5 initialises it)
+    if key.endswith("relative_attention_bias.weight"):
+        return torch.randn(shape, generator=g) * 0.1
+    return torch.randn(shape, generator=g) * (int(torch.Size(shape)[1:].numel()) ** -0.5)
+
+
+def write_flux(out: Path) -> dict:
+    pack = import_pack()
+    st = __import__(pack.__name__ + ".adapters.safetensors_stream", fromlist=["x"])
+    shapes = flux_shapes()
+    specs = [(k, "F16", list(s)) for k, s in shapes.items()]
+    st.write_stream(out, specs, lambda k, f: f.write(st.tensor_bytes(draw_flux(k, shapes[k]).to(torch.float16))),
+                    metadata={"concept_edit_test_checkpoint": "flux random weights, 1 double block, tiny T5 "
+                                                              f"(load with te_model_options={json.dumps(FLUX_TE_OPTIONS)})"})
+    return {"tensors": len(specs), "parameters": sum(torch.Size(s).numel() for s in shapes.values())}
+
+
 def check_in_comfyui(family: str, path: Path) -> str:
     """Load ``path`` with ComfyUI; return the detected model config class name. Raises if any
     tensor is missing, unexpected or left over."""
@@ -143,7 +226,10 @@ def check_in_comfyui(family: str, path: Path) -> str:
     root.setLevel(logging.DEBUG)
     try:
         # float16 UNet: SDXL's in float32 (ComfyUI's CPU default) would need 10 GB
-        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), model_options={"dtype": torch.float16})
+        flux = family == "flux"  # no VAE in the FLUX file; its T5 is sized by te_model_options
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+            str(path), output_vae=not flux, model_options={"dtype": torch.float16},
+            te_model_options=FLUX_TE_OPTIONS if flux else {})
     finally:
         root.removeHandler(handler)
         root.setLevel(level)
@@ -152,7 +238,7 @@ def check_in_comfyui(family: str, path: Path) -> str:
                                                   "Missing VAE keys", "Leftover VAE keys"))
            or (m.startswith("clip missing") and lv >= logging.WARNING)]
     assert not bad, bad[:3]
-    assert clip is not None and vae is not None
+    assert clip is not None and (vae is not None or flux)
     status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
     print(f"loaded by ComfyUI: {int(status['RssAnon'].split()[0]) / 1024:.0f} MiB allocated, "
           f"{int(status['RssFile'].split()[0]) / 1024:.0f} MiB of the file mapped")
@@ -164,10 +250,10 @@ def main(family: str, out: str) -> None:
     tmp = out.with_name(f".{out.stem}.{os.getpid()}.partial.safetensors")  # ComfyUI goes by the suffix
     t0 = time.time()
     try:
-        info = write_checkpoint(family, tmp)
+        info = write_flux(tmp) if family == "flux" else write_checkpoint(family, tmp)
         t_write, rss_write = time.time() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         detected = check_in_comfyui(family, tmp)
-        want = ARCH[family][0]
+        want = "FluxSchnell" if family == "flux" else ARCH[family][0]  # no guidance_in: schnell
         assert detected == want, f"ComfyUI detected {detected}, not {want}"
         os.replace(tmp, out)
     finally:

@@ -19,7 +19,7 @@ SKIP_REASON = ("no ComfyUI: set COMFYUI_PATH and COMFYUI_PYTHON (../shared/comfy
                ".ci/run does it all)")
 
 # family -> version of its checkpoint: bump it when comfyui_checkpoints.py changes what it writes
-CHECKPOINT_VERSIONS = {"sd2": "1", "sdxl": "1"}
+CHECKPOINT_VERSIONS = {"sd2": "1", "sdxl": "1", "flux": "1"}
 
 # A script's first lines: ComfyUI on the CPU, and this pack imported under a folder name, as
 # ComfyUI imports custom nodes (``pkg`` is its name, for import_module(pkg + ".adapters…")).

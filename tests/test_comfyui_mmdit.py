@@ -2,7 +2,7 @@
 COMFYUI_PATH is set): a LoRA file made on a tiny diffusers pipeline loads through ComfyUI's own
 LoRA machinery (``model_lora_keys_unet`` + ``load_lora``) with every key mapped, onto ComfyUI's
 own FLUX / SD3 model classes built at the same tiny shapes, and the patched weights are
-W0 + delta. (The edit nodes on ComfyUI's FLUX/SD3 MODEL and CLIP objects are not built yet.)
+W0 + delta. (The edit nodes on ComfyUI's own FLUX MODEL and CLIP objects: test_comfyui_flux.py.)
 """
 from __future__ import annotations
 

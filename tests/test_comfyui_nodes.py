@@ -29,7 +29,7 @@ ext = asyncio.run(ce.comfy_entrypoint())
 nodes = {n.GET_SCHEMA().node_id: n for n in asyncio.run(ext.get_node_list())}
 assert all(issubclass(n, io.ComfyNode) for n in nodes.values())
 edit_ids = [k for k in nodes if k.endswith(("Erase", "Replace", "Moderate", "Debias"))]
-assert len(nodes) == 17 and len(edit_ids) == 13, sorted(nodes)
+assert len(nodes) == 23 and len(edit_ids) == 19, sorted(nodes)  # 0.1's 17 + RECE (2) and SPEED (4)
 for node_id, cls in nodes.items():  # every widget says what it does
     untold = [i.id for i in cls.GET_SCHEMA().inputs if isinstance(i, io.WidgetInput) and not i.tooltip]
     assert not untold, (node_id, untold)

@@ -74,13 +74,21 @@ def _interface_of_edit_node(method: str, kind: str) -> list:
     return rows
 
 
+# edit nodes added after release 0.1 (not in its interface snapshot)
+NEW_EDIT_NODES = {f"ConceptEdit{m}{k}" for m, kinds in (("RECE", ("Erase", "Replace")),
+                                                          ("SPEED", ("Erase", "Replace", "Moderate", "Debias")))
+                  for k in kinds}
+
+
 def test_edit_nodes_keep_the_interface_saved_workflows_use():
     """Every edit node of release 0.1 still exists with the same inputs in the same order (saved UI
-    workflows store widget values by position); the real-host test checks the whole /object_info."""
+    workflows store widget values by position); the real-host test checks the whole /object_info.
+    Nodes added since are the only ones not in the snapshot."""
     ids = edit_node_ids()
-    assert {k for k in INTERFACE if k in ids} == set(ids)
+    assert set(ids) - set(INTERFACE) == NEW_EDIT_NODES
     for node_id, (method, kind, display, _) in ids.items():
-        assert _interface_of_edit_node(method, kind) == INTERFACE[node_id]["inputs"], node_id
+        if node_id in INTERFACE:
+            assert _interface_of_edit_node(method, kind) == INTERFACE[node_id]["inputs"], node_id
         assert display.endswith("(ConceptEdit)")
     assert {"ConceptEditSaveDelta", "ConceptEditLoadDelta", "ConceptEditAttentionCapture",
             "ConceptEditAttentionHeatmaps"} == set(INTERFACE) - set(ids)
@@ -218,7 +226,7 @@ class _ProtocolOnly:
         raise AttributeError(name)
 
 
-@pytest.mark.parametrize("method", ["uce", "nullspace", "emcid", "nullspace_te"])
+@pytest.mark.parametrize("method", ["uce", "nullspace", "emcid", "nullspace_te", "rece", "speed"])
 def test_node_methods_run_on_what_the_comfyui_adapter_offers(tiny, method):
     """Every method offered as a node runs on what ComfyUI gives it: the EditableModel protocol
     alone (UNet methods), or a text-encoder-only pipeline (text-encoder methods)."""
@@ -242,3 +250,74 @@ def test_node_methods_run_on_what_the_comfyui_adapter_offers(tiny, method):
     want = "unet." if site == "unet" else "text_encoder.text_model.encoder.layers."
     assert delta.layers and all(n.startswith(want) for n in delta.layers)
     json.dumps(edit_summary(delta, plan))
+
+
+# a value other than the default for every setting widget of the RECE and SPEED nodes
+CHANGED = {
+    "rece": {"lambda_": 2.0, "erase_scale": 2.0, "preserve_scale": 3.0, "token": "aligned", "layers": "v", "epochs": 2,
+             "reg_lambda": 0.5, "adv_ridge": 1.0, "adv_preserve_scale": 2.0, "update": "resolve"},
+    "speed": {"retain_scale": 0.05, "threshold": 1.0, "erase_scale": 3.0, "token": "aligned", "layers": "kv",
+              "filter": False, "aug_num": 2, "seed": 5, "invariant": False, "clusters": 1, "lamb": 0.5},
+}
+
+
+def _node_delta(model, method: str, widgets: dict, kind: str = "erase"):
+    """The delta an edit node computes from these widget values (its plan, as ``edit_node`` builds it),
+    on what the ComfyUI adapter offers."""
+    from concept_edit.nodes.edit_nodes import METHODS, node_settings
+
+    _, engine, _, _, _ = METHODS[method]
+    edits = erase_edits("Van Gogh", "style", "") if kind == "erase" else moderate_edits("Van Gogh", 0.8)
+    plan = make_plan(edits, engine, ["Monet", "a cat"], ["{}", "a painting by {}"], node_settings(method, widgets))
+    return compute_delta(_ProtocolOnly(model), plan, progress=False)
+
+
+def _dense_diff(a: ConceptDelta, b: ConceptDelta) -> float:
+    names = set(a.layers) | set(b.layers)
+    zero = {n: (a.layers.get(n) or b.layers[n]).dense() * 0 for n in names}
+    return max(((a.layers[n].dense() if n in a.layers else zero[n])
+                - (b.layers[n].dense() if n in b.layers else zero[n])).abs().max().item() for n in names)
+
+
+@pytest.mark.parametrize("method", ["rece", "speed"])
+def test_every_setting_widget_of_the_rece_and_speed_nodes_changes_the_delta(tiny, method):
+    """Each setting widget the node shows changes the delta (or, under another setting that makes it
+    ineffective, is refused with the reason): no widget is accepted and ignored."""
+    from concept_edit.core.settings import SettingsError
+    from concept_edit.nodes.edit_nodes import setting_widgets
+
+    _, model = tiny("sd1")
+    widgets = setting_widgets(method)
+    assert set(widgets) == set(CHANGED[method])  # the settings the method uses, and only those
+    defaults = {w: spec[1]["default"] for w, spec in widgets.items()}
+    ref = _node_delta(model, method, defaults)
+    assert ref.metadata["method"] == method and ref.layers
+    # switching these off makes others ineffective; those are checked with them on
+    dependents = {"rece": {"update": ("adv_ridge", "adv_preserve_scale")},
+                  "speed": {"invariant": ("clusters", "lamb")}}[method]
+    # on the tiny model the augmentation noise moves no eigenvalue across the default threshold
+    context = {"seed": {"threshold": 1.0}}
+    for w, v in CHANGED[method].items():
+        base = {**defaults, **context.get(w, {})}
+        delta = _node_delta(model, method, {**base, w: v})
+        assert _dense_diff(ref if base == defaults else _node_delta(model, method, base), delta) > 1e-6, w
+        for dep in dependents.get(w, ()):  # the dependent widget changed too: refused, naming it
+            with pytest.raises(SettingsError, match=f"{dep} has no effect"):
+                _node_delta(model, method, {**defaults, w: v, dep: CHANGED[method][dep]})
+    if method == "speed":  # aug_num 0 (no noise) leaves seed at its default: accepted
+        assert _dense_diff(ref, _node_delta(model, method, {**defaults, "aug_num": 0})) > 1e-6
+        with pytest.raises(SettingsError, match="seed has no effect"):
+            _node_delta(model, method, {**defaults, "aug_num": 0, "seed": 5})
+
+
+def test_rece_has_no_moderate_or_debias_node_and_speed_moderates(tiny):
+    """RECE attacks erased / replaced concepts: a plan of only moderate edits is refused (so there is
+    no such node); SPEED moderates (targets as UCE)."""
+    from concept_edit.nodes.edit_nodes import edit_node_ids
+
+    kinds = {(m, k) for m, k, _, _ in edit_node_ids().values()}
+    assert {("rece", "erase"), ("rece", "replace")} <= kinds and not {("rece", "moderate"), ("rece", "debias")} & kinds
+    _, model = tiny("sd1")
+    with pytest.raises(PlanError, match="rece attacks"):
+        _node_delta(model, "rece", {}, kind="moderate")
+    assert _node_delta(model, "speed", {}, kind="moderate").layers
