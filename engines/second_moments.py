@@ -323,7 +323,7 @@ def second_moments(
             moments = {n: sums[n] / counts[n] for n in names}
         else:
             kept = [c for c, m in zip(captions, drop) if not m]
-            xinfo = {"mode": "direct"}
+            xinfo = {"mode": "direct", "captions_encoded": min(n_dropped, len(kept))}
             if n_dropped <= len(kept):  # subtract the few dropped captions from the cached full sums
                 dropped = [c for c, m in zip(captions, drop) if m]
                 m_d, n_d, _ = caption_moments(model, dropped, names, **kw)

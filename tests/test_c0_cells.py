@@ -228,9 +228,9 @@ def test_direct_mode_and_uncached_calls_keep_the_old_path(tiny, tmp_path, monkey
     _, model = tiny("sd1")
     names = _names(model, (0,))
     _, info = cv.second_moments(model, names, CAPS, use_cache=False, progress=False, exclude=["cat"])
-    assert info["exclusion"] == {"mode": "direct"}
+    assert info["exclusion"] == {"mode": "direct", "captions_encoded": 3}
     monkeypatch.setenv("CONCEPT_EDIT_C0_EXCLUSION", "direct")
     _, info = cv.second_moments(model, names, CAPS, cache_dir=tmp_path, progress=False, exclude=["cat"])
-    assert info["exclusion"] == {"mode": "direct"} and not list(tmp_path.glob("c0x_*"))
+    assert info["exclusion"]["mode"] == "direct" and not list(tmp_path.glob("c0x_*"))
     with pytest.raises(ValueError):
         cv.second_moments(model, names, CAPS, cache_dir=tmp_path, progress=False, exclude=["cat"], exclusion="sometimes")
