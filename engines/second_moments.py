@@ -14,9 +14,18 @@ padding), i.e. exactly the keys the model sees at inference; ``tokens`` stops at
 Excluding edited concepts (``exclude``): C0 stands for the knowledge to keep, so captions that
 mention a concept being edited are taken out of it; otherwise the preservation term pulls the
 edited keys back towards their old outputs, which matters once the edited concepts are a large
-share of the corpus (1,000 edits on a corpus that names them). The full-corpus moments stay
-cached; the excluded captions' contribution is subtracted (or, when most captions go, the kept
-ones are summed directly).
+share of the corpus (1,000 edits on a corpus that names them). The full-corpus file always holds
+the whole corpus. The kept captions' moments come from the *cell store* (:mod:`.c0_cells`): a
+cached partition of the corpus into cells of captions with one float64 sum per (cell, layer), next
+to the full-corpus file; an edit set is answered by adding the cells it keeps, and only the captions
+of cells it splits (the smaller side) are encoded, once. The same edit set again (another method,
+another run) or a larger one after a smaller (10 -> 100 -> 918) costs no or few encoder passes. The
+store is bounded by a byte budget (``cell_budget``, default 1 GiB, at least two cells) and at most
+4 stores per folder; see :mod:`.c0_cells` for the bounds and file format. ``exclusion="direct"``
+(or ``$CONCEPT_EDIT_C0_EXCLUSION=direct``) keeps the earlier path: encode the dropped captions and
+subtract them from the full sums, or, when most captions go, sum the kept ones directly, on every
+call. Both give C0 of exactly the captions that name no excluded concept (whole words, any case;
+a caption naming several is dropped once), equal up to float64 rounding.
 """
 from __future__ import annotations
 
