@@ -32,9 +32,9 @@ path. Answering *any* set of concepts from sums alone would need one cell per co
 SD 1.5 at 11 layers of 3072: 415 MB per concept); the budget decides how many cells are kept.
 
 Bounds. One cell costs ``sum_layers d(d+1)/2 x 8`` bytes (testbed EMCID layers: 12.6 MB; SD 1.5,
-11 layers: 415 MB; SDXL, both encoders: ~3.6 GB). A store holds at most
+11 layers: 415 MB; SDXL at 10 layers of 3072 and 30 of 5120: 3.5 GB). A store holds at most
 ``max(2, budget // cell_bytes)`` cells (default budget 1 GiB, ``$CONCEPT_EDIT_C0_CELL_BYTES``), plus a
-4-byte-per-caption cell map; at most ``max_stores`` stores (default 4,
+4-byte-per-caption cell map; at most ``max_stores`` stores (default 3,
 ``$CONCEPT_EDIT_C0_CELL_STORES``) are kept per cache folder, the least recently used removed first.
 So the folder holds at most ``max_stores x max(budget, 2 cells)`` for exclusions, besides the
 full-corpus files. Memory: one cell per layer at a time while splitting, merging or summing, plus
@@ -65,7 +65,7 @@ from ..core.progress import tqdm
 
 FORMAT = "1"
 DEFAULT_BUDGET = 1 << 30
-DEFAULT_MAX_STORES = 4
+DEFAULT_MAX_STORES = 3
 PARTITION = "partition.safetensors"
 
 
@@ -141,9 +141,12 @@ class _Store:
         from safetensors.torch import save_file
 
         f = self._file(cell_id, li)
-        with atomic_path(f, overwrite=True) as tmp:
-            save_file({"sum": v.contiguous()}, str(tmp), metadata={"cell": cell_id, "layer": self.layers[li],
-                                                                   "key": self.ident["key"]})
+        try:
+            with atomic_path(f, overwrite=True) as tmp:
+                save_file({"sum": v.contiguous()}, str(tmp), metadata={"cell": cell_id, "layer": self.layers[li],
+                                                                       "key": self.ident["key"]})
+        except OSError as e:  # e.g. the folder removed meanwhile by another process's eviction
+            raise _StoreBroken(f"{f.name}: {e}") from None
 
     def load(self) -> None:
         from safetensors import safe_open
@@ -173,17 +176,21 @@ class _Store:
         from safetensors.torch import save_file
 
         index = {"format": FORMAT, "ident": self.ident, "layers": self.layers, "cells": self.cells}
-        with atomic_path(self.path / PARTITION, overwrite=True) as tmp:
-            save_file({"cell": self.assign.to(torch.int32).contiguous()}, str(tmp), metadata={"index": json.dumps(index)})
+        try:
+            with atomic_path(self.path / PARTITION, overwrite=True) as tmp:
+                save_file({"cell": self.assign.to(torch.int32).contiguous()}, str(tmp),
+                          metadata={"index": json.dumps(index)})
+        except OSError as e:
+            raise _StoreBroken(f"{PARTITION}: {e}") from None
         live = {self._file(c["id"], li).name for c in self.cells for li in range(len(self.layers))}
         for p in self.path.glob("cell_*.safetensors"):
             if p.name not in live:
                 p.unlink(missing_ok=True)
 
     def reset(self, sums: dict[str, torch.Tensor], counts: dict[str, int]) -> None:
-        """One cell: the whole corpus (``sums``: un-normalised full-corpus sums, d x d)."""
-        if self.path.exists():
-            shutil.rmtree(self.path, ignore_errors=True)
+        """One cell: the whole corpus (``sums``: un-normalised full-corpus sums, d x d). The old files
+        are left to :meth:`save` (removed once the new partition is in place), not deleted here:
+        another process may be reading them."""
         self.path.mkdir(parents=True, exist_ok=True)
         cid = secrets.token_hex(6)
         for li, name in enumerate(self.layers):
@@ -221,9 +228,11 @@ def excluded_sums(
     max_stores: int | None = None,
     layers_per_pass: int = 8,
     progress: bool = True,
-) -> tuple[dict[str, torch.Tensor], dict[str, int], dict]:
+) -> tuple[dict[str, torch.Tensor], dict[str, int], dict] | None:
     """Sums (d x d, float64, un-normalised) and sample counts over the captions not in ``dropped``
-    (bool per caption), from the store for ``ident``; returns (sums, counts, info).
+    (bool per caption), from the store for ``ident``; returns (sums, counts, info), or None if the
+    store could not be used even after rebuilding it (e.g. processes racing on it, a full disk):
+    the caller then computes the sums without it.
 
     ``sums_of(captions, names) -> (sums, counts)`` computes un-normalised sums over some captions
     (the caller's encoder pass); it is asked for at most ``layers_per_pass`` layers at a time. ``ident``: model_fingerprint,
@@ -237,23 +246,24 @@ def excluded_sums(
     max_cells = max(2, cell_budget(budget) // cell_bytes)
     info = {"mode": "cells", "store": str(path), "max_cells": max_cells, "cell_bytes": cell_bytes}
     dropped = torch.as_tensor(dropped, dtype=torch.bool)
+    out = None
     for attempt in (0, 1):
         st = _Store(path, layers, dims, ident, len(captions))
         try:
-            if attempt:
-                raise _StoreBroken(info["rebuilt"])
-            st.load()
-            info["rebuilt"] = None
-        except _StoreBroken as e:
-            info["rebuilt"] = str(e) if path.exists() else "new store"
-            st.reset({n: full_means[n] * full_counts[n] for n in layers}, full_counts)
-        try:
+            try:
+                if attempt:
+                    raise _StoreBroken(info["rebuilt"])
+                st.load()
+                info["rebuilt"] = None
+            except _StoreBroken as e:
+                info["rebuilt"] = str(e) if path.exists() else "new store"
+                st.reset({n: full_means[n] * full_counts[n] for n in layers}, full_counts)
             out = _query(captions, st, dropped, sums_of, max_cells, max(1, layers_per_pass), progress)
             break
         except _StoreBroken as e:
-            if attempt:
-                raise
             info["rebuilt"] = str(e)
+    if out is None:
+        return None
     sums, counts, qinfo = out
     info.update(qinfo)
     info["evicted_stores"] = _evict(root, path, store_limit(max_stores))

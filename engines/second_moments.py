@@ -21,7 +21,7 @@ to the full-corpus file; an edit set is answered by adding the cells it keeps, a
 of cells it splits (the smaller side) are encoded, once. The same edit set again (another method,
 another run) or a larger one after a smaller (10 -> 100 -> 918) costs no or few encoder passes. The
 store is bounded by a byte budget (``cell_budget``, default 1 GiB, at least two cells) and at most
-4 stores per folder; see :mod:`.c0_cells` for the bounds and file format. ``exclusion="direct"``
+3 stores per folder; see :mod:`.c0_cells` for the bounds and file format. ``exclusion="direct"``
 (or ``$CONCEPT_EDIT_C0_EXCLUSION=direct``) keeps the earlier path: encode the dropped captions and
 subtract them from the full sums, or, when most captions go, sum the kept ones directly, on every
 call. Both give C0 of exactly the captions that name no excluded concept (whole words, any case;
@@ -315,7 +315,7 @@ def second_moments(
     mode = exclusion_mode(exclusion) if path is not None else "direct"
     drop = mention_mask(captions, exclude)
     n_dropped = sum(drop)
-    xinfo = None
+    xinfo, store_failed = None, False
     if n_dropped:
         if n_dropped == len(captions):
             raise CovarianceCacheError("every caption of the corpus mentions an edited concept; nothing is left to preserve")
@@ -323,16 +323,22 @@ def second_moments(
         if mode == "cells":
             from .c0_cells import excluded_sums
 
-            sums, counts, xinfo = excluded_sums(
+            got = excluded_sums(
                 captions, torch.tensor(drop), {n: cached[n] for n in names}, counts,
                 sums_of=lambda caps, group: caption_sums(model, caps, group, **kw)[:2],
                 root=path.parent, budget=cell_budget, layers_per_pass=layers_per_pass, progress=progress,
                 ident={"model_fingerprint": mfp, "corpus_fingerprint": cfp, "positions": positions, "family": model.family},
             )
-            moments = {n: sums[n] / counts[n] for n in names}
-        else:
+            if got is None:  # the store could not be written or read even after a rebuild
+                mode, store_failed = "direct", True
+            else:
+                sums, counts, xinfo = got
+                moments = {n: sums[n] / counts[n] for n in names}
+        if mode == "direct":
             kept = [c for c, m in zip(captions, drop) if not m]
             xinfo = {"mode": "direct", "captions_encoded": min(n_dropped, len(kept))}
+            if store_failed:
+                xinfo["store_failed"] = True
             if n_dropped <= len(kept):  # subtract the few dropped captions from the cached full sums
                 dropped = [c for c, m in zip(captions, drop) if m]
                 m_d, n_d, _ = caption_moments(model, dropped, names, **kw)

@@ -228,9 +228,25 @@ def test_direct_mode_and_uncached_calls_keep_the_old_path(tiny, tmp_path, monkey
     _, model = tiny("sd1")
     names = _names(model, (0,))
     _, info = cv.second_moments(model, names, CAPS, use_cache=False, progress=False, exclude=["cat"])
-    assert info["exclusion"] == {"mode": "direct", "captions_encoded": 3}
+    assert info["exclusion"] == {"mode": "direct", "captions_encoded": 4}  # the 4 captions naming cat
     monkeypatch.setenv("CONCEPT_EDIT_C0_EXCLUSION", "direct")
     _, info = cv.second_moments(model, names, CAPS, cache_dir=tmp_path, progress=False, exclude=["cat"])
     assert info["exclusion"]["mode"] == "direct" and not list(tmp_path.glob("c0x_*"))
     with pytest.raises(ValueError):
         cv.second_moments(model, names, CAPS, cache_dir=tmp_path, progress=False, exclude=["cat"], exclusion="sometimes")
+
+
+def test_a_store_that_cannot_be_written_falls_back_to_the_direct_path(tiny, tmp_path, monkeypatch):
+    from concept_edit.engines import c0_cells
+    from concept_edit.engines import second_moments as cv
+
+    _, model = tiny("sd1")
+    names = _names(model, (0,))
+
+    def fail(self):
+        raise c0_cells._StoreBroken("disk full")
+
+    monkeypatch.setattr(c0_cells._Store, "save", fail)
+    C, info = cv.second_moments(model, names, CAPS, cache_dir=tmp_path, progress=False, exclude=["cat", "car"])
+    assert info["exclusion"]["mode"] == "direct" and info["exclusion"]["store_failed"]
+    _close(C[names[0]], _direct(model, names, CAPS, ["cat", "car"])[0][names[0]])
