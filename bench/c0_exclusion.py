@@ -129,18 +129,18 @@ def main(argv=None):
     variants = a.variants.split(",")
     env = os.environ.get("CONCEPT_EDIT_C0_EXCLUSION")
     try:
-        if "direct" in variants:
-            os.environ["CONCEPT_EDIT_C0_EXCLUSION"] = "direct"
-            for n in counts:
+        for p in cov_dir.glob("c0x_*"):
+            shutil.rmtree(p)
+        for n in counts:  # per count: direct, then cells (the store carries over from the smaller counts)
+            if "direct" in variants:
+                os.environ["CONCEPT_EDIT_C0_EXCLUSION"] = "direct"
                 for m in methods:
                     run("direct", n, m)
-        os.environ["CONCEPT_EDIT_C0_EXCLUSION"] = "cells"
-        if "cells" in variants:
-            for p in cov_dir.glob("c0x_*"):
-                shutil.rmtree(p)
-            for n in counts:
+            if "cells" in variants:
+                os.environ["CONCEPT_EDIT_C0_EXCLUSION"] = "cells"
                 for m in methods:
                     run("cells", n, m)
+        os.environ["CONCEPT_EDIT_C0_EXCLUSION"] = "cells"
         if "first" in variants:
             for p in cov_dir.glob("c0x_*"):
                 shutil.rmtree(p)
