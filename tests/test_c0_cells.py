@@ -178,9 +178,12 @@ def test_broken_store_is_rebuilt_and_still_exact(tiny, tmp_path):
     C, info = cv.second_moments(model, names, CAPS, exclude=["car", "boat"], **kw)
     assert info["exclusion"]["rebuilt"] and "cell_" in info["exclusion"]["rebuilt"]
     _close(C[names[0]], ref[names[0]])
-    # a cell file of another store copied in: refused by its metadata, rebuilt
-    cells = sorted(store.glob("cell_*.safetensors"))
-    cells[0].write_bytes(cells[1].read_bytes())
+    # the files of the two cells swapped (another cell's sum under this name): refused by their
+    # metadata, rebuilt
+    a, b = sorted(store.glob("cell_*.safetensors"))
+    da, db = a.read_bytes(), b.read_bytes()
+    a.write_bytes(db)
+    b.write_bytes(da)
     C, info = cv.second_moments(model, names, CAPS, exclude=["car", "boat"], **kw)
     assert info["exclusion"]["rebuilt"]
     _close(C[names[0]], ref[names[0]])
