@@ -1,4 +1,5 @@
-"""Where ConceptEdit keeps files it can recompute (C0 covariances: ~100–400 MB per model).
+"""Where ConceptEdit keeps files it can recompute (C0 covariances: ~100–400 MB per model, plus
+bounded stores of partial sums for leaving edited concepts out of C0, engines/c0_cells.py).
 
 The root is the first of: ``$CONCEPT_EDIT_CACHE`` (the user's explicit choice); the folder the
 host installed with :func:`host_cache_root` for the duration of a run (ComfyUI: a folder under its

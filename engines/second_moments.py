@@ -14,14 +14,24 @@ padding), i.e. exactly the keys the model sees at inference; ``tokens`` stops at
 Excluding edited concepts (``exclude``): C0 stands for the knowledge to keep, so captions that
 mention a concept being edited are taken out of it; otherwise the preservation term pulls the
 edited keys back towards their old outputs, which matters once the edited concepts are a large
-share of the corpus (1,000 edits on a corpus that names them). The full-corpus moments stay
-cached; the excluded captions' contribution is subtracted (or, when most captions go, the kept
-ones are summed directly).
+share of the corpus (1,000 edits on a corpus that names them). The full-corpus file always holds
+the whole corpus. The kept captions' moments come from the *cell store* (:mod:`.c0_cells`): a
+cached partition of the corpus into cells of captions with one float64 sum per (cell, layer), next
+to the full-corpus file; an edit set is answered by adding the cells it keeps, and only the captions
+of cells it splits (the smaller side) are encoded, once. The same edit set again (another method,
+another run) or a larger one after a smaller (10 -> 100 -> 918) costs no or few encoder passes. The
+store is bounded by a byte budget (``cell_budget``, default 1 GiB, at least two cells) and at most
+3 stores per folder; see :mod:`.c0_cells` for the bounds and file format. ``exclusion="direct"``
+(or ``$CONCEPT_EDIT_C0_EXCLUSION=direct``) keeps the earlier path: encode the dropped captions and
+subtract them from the full sums, or, when most captions go, sum the kept ones directly, on every
+call. Both give C0 of exactly the captions that name no excluded concept (whole words, any case;
+a caption naming several is dropped once), equal up to float64 rounding.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import warnings
 from pathlib import Path
@@ -110,15 +120,24 @@ def load_captions(source) -> list[str]:
     return [line.rstrip("\n") for line in path.read_text().splitlines()]
 
 
-def split_mentions(captions: list[str], terms) -> tuple[list[str], list[str]]:
-    """(kept, dropped): captions naming any of ``terms`` (whole words, case-insensitive) are dropped."""
+def _mention_pattern(terms):
     terms = sorted({t.strip() for t in terms if t and t.strip()}, key=len, reverse=True)
     if not terms:
-        return list(captions), []
-    pat = re.compile(r"(?<!\w)(?:" + "|".join(re.escape(t) for t in terms) + r")(?!\w)", re.IGNORECASE)
+        return None
+    return re.compile(r"(?<!\w)(?:" + "|".join(re.escape(t) for t in terms) + r")(?!\w)", re.IGNORECASE)
+
+
+def mention_mask(captions: list[str], terms) -> list[bool]:
+    """Per caption: does it name any of ``terms`` (whole words, case-insensitive)?"""
+    pat = _mention_pattern(terms)
+    return [False] * len(captions) if pat is None else [pat.search(c) is not None for c in captions]
+
+
+def split_mentions(captions: list[str], terms) -> tuple[list[str], list[str]]:
+    """(kept, dropped): captions naming any of ``terms`` (whole words, case-insensitive) are dropped."""
     kept, dropped = [], []
-    for c in captions:
-        (dropped if pat.search(c) else kept).append(c)
+    for c, m in zip(captions, mention_mask(captions, terms)):
+        (dropped if m else kept).append(c)
     return kept, dropped
 
 
@@ -152,9 +171,9 @@ def _padded(model, p: TokenizedPrompt) -> list[int]:
     return p.ids + [pad] * (model.max_tokens - len(p.ids))
 
 
-def caption_moments(model, captions: list[str], names: list[str], *, batch_size: int, positions: str, progress: bool):
-    """Mean second moments (float64) of the named layers' inputs over ``captions``; returns
-    (moments, sample counts, number of captions truncated to the tokenizer limit)."""
+def caption_sums(model, captions: list[str], names: list[str], *, batch_size: int, positions: str, progress: bool):
+    """Un-normalised second moments (sum of k k^T, float64) of the named layers' inputs over
+    ``captions``; returns (sums, sample counts, number of captions truncated to the tokenizer limit)."""
     prompts, n_truncated = caption_ids(model, captions)
     sums = {n: None for n in names}
     counts = {n: 0 for n in names}
@@ -187,7 +206,25 @@ def caption_moments(model, captions: list[str], names: list[str], *, batch_size:
             g = x.mT @ x
             sums[TEXT_STATES] = g if sums[TEXT_STATES] is None else sums[TEXT_STATES] + g
             counts[TEXT_STATES] += x.shape[0]
+    return sums, counts, n_truncated
+
+
+def caption_moments(model, captions: list[str], names: list[str], *, batch_size: int, positions: str, progress: bool):
+    """Mean second moments (float64) of the named layers' inputs over ``captions``; returns
+    (moments, sample counts, number of captions truncated to the tokenizer limit)."""
+    sums, counts, n_truncated = caption_sums(model, captions, names, batch_size=batch_size, positions=positions,
+                                             progress=progress)
     return {n: sums[n] / counts[n] for n in names}, counts, n_truncated
+
+
+def exclusion_mode(mode: str | None = None) -> str:
+    """How C0 leaves captions out: ``cells`` (default; the cached partition of :mod:`.c0_cells`) or
+    ``direct`` (encode the dropped captions, or the kept ones, on every call: the path before cells).
+    None: ``$CONCEPT_EDIT_C0_EXCLUSION``, else ``cells``."""
+    mode = mode or os.environ.get("CONCEPT_EDIT_C0_EXCLUSION") or "cells"
+    if mode not in ("cells", "direct"):
+        raise ValueError(f"C0 exclusion mode must be 'cells' or 'direct', not {mode!r}")
+    return mode
 
 
 def second_moments(
@@ -202,6 +239,8 @@ def second_moments(
     use_cache: bool = True,
     layers_per_pass: int = 8,
     exclude=(),
+    exclusion: str | None = None,
+    cell_budget: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """C0 (mean second moment, float64: accumulated, cached and returned in double precision, since
     EMCID's system is ill-conditioned enough for float32 storage to cost ~1e-4 relative error) per
@@ -211,7 +250,11 @@ def second_moments(
     d x d float64 sum: 200 MB for SDXL's 5120-wide fc2 inputs), so memory stays bounded.
 
     ``exclude``: concept names; captions mentioning them are left out of the returned moments
-    (the cache always holds the full corpus). ``info["n_excluded_captions"]`` says how many.
+    (the full-corpus file always holds the full corpus). ``info["n_excluded_captions"]`` says how
+    many. ``exclusion``: ``cells`` (default: from the cell store of :mod:`.c0_cells`, bounded by
+    ``cell_budget`` bytes) or ``direct`` (recompute the dropped or kept captions' moments, as
+    before; always so with ``use_cache=False``); see :func:`exclusion_mode`. ``info["exclusion"]``
+    reports how it was done.
 
     ``info`` has ``n_samples`` per layer, ``corpus_fingerprint``, ``model_fingerprint``,
     ``cache_file`` and ``computed`` (layers computed in this call rather than loaded).
@@ -269,17 +312,40 @@ def second_moments(
                 )
     moments = {n: cached[n] for n in names}
     counts = {n: int(counts[n]) for n in names}
-    kept, dropped = split_mentions(captions, exclude)
-    if dropped:
-        if not kept:
+    mode = exclusion_mode(exclusion) if path is not None else "direct"
+    drop = mention_mask(captions, exclude)
+    n_dropped = sum(drop)
+    xinfo, store_failed = None, False
+    if n_dropped:
+        if n_dropped == len(captions):
             raise CovarianceCacheError("every caption of the corpus mentions an edited concept; nothing is left to preserve")
         kw = dict(batch_size=batch_size, positions=positions, progress=progress)
-        if len(dropped) <= len(kept):  # subtract the few dropped captions from the cached full sums
-            m_d, n_d, _ = caption_moments(model, dropped, names, **kw)
-            moments = {n: (moments[n] * counts[n] - m_d[n] * n_d[n]) / (counts[n] - n_d[n]) for n in names}
-            counts = {n: counts[n] - n_d[n] for n in names}
-        else:
-            moments, counts, _ = caption_moments(model, kept, names, **kw)
+        if mode == "cells":
+            from .c0_cells import excluded_sums
+
+            got = excluded_sums(
+                captions, torch.tensor(drop), {n: cached[n] for n in names}, counts,
+                sums_of=lambda caps, group: caption_sums(model, caps, group, **kw)[:2],
+                root=path.parent, budget=cell_budget, layers_per_pass=layers_per_pass, progress=progress,
+                ident={"model_fingerprint": mfp, "corpus_fingerprint": cfp, "positions": positions, "family": model.family},
+            )
+            if got is None:  # the store could not be written or read even after a rebuild
+                mode, store_failed = "direct", True
+            else:
+                sums, counts, xinfo = got
+                moments = {n: sums[n] / counts[n] for n in names}
+        if mode == "direct":
+            kept = [c for c, m in zip(captions, drop) if not m]
+            xinfo = {"mode": "direct", "captions_encoded": min(n_dropped, len(kept))}
+            if store_failed:
+                xinfo["store_failed"] = True
+            if n_dropped <= len(kept):  # subtract the few dropped captions from the cached full sums
+                dropped = [c for c, m in zip(captions, drop) if m]
+                m_d, n_d, _ = caption_moments(model, dropped, names, **kw)
+                moments = {n: (moments[n] * counts[n] - m_d[n] * n_d[n]) / (counts[n] - n_d[n]) for n in names}
+                counts = {n: counts[n] - n_d[n] for n in names}
+            else:
+                moments, counts, _ = caption_moments(model, kept, names, **kw)
     if n_truncated:
         warnings.warn(f"C0: {n_truncated} caption(s) longer than the tokenizer's {model.max_tokens} tokens were truncated")
     short = {n: counts[n] for n in names if counts[n] < moments[n].shape[0]}
@@ -290,7 +356,8 @@ def second_moments(
         "n_samples": counts,
         "n_truncated_captions": n_truncated,
         "rank_deficient": sorted(short),
-        "n_excluded_captions": len(dropped),
+        "n_excluded_captions": n_dropped,
+        "exclusion": xinfo,
         "corpus_fingerprint": cfp,
         "model_fingerprint": mfp,
         "n_captions": len(captions),
