@@ -72,11 +72,24 @@ class MMDiTModel:
         self.key_dim = int(pipe.transformer.config.joint_attention_dim)
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    # -- tokens ---------------------------------------------------------------
+    def token_ids(self, text: str) -> list[int]:
+        """Content CLIP token ids of ``text`` (no BOS/EOS): the text-encoder editors' CLIP keys."""
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
     # -- encoding -------------------------------------------------------------
     @torch.no_grad()
-    def encode(self, texts: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def encode(self, texts: list[str], *, cached: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """text -> (token states (L, key_dim), pooled (P,)) as the transformer reads them, float32;
-        each distinct text encoded once, in batches, through the pipeline's ``encode_prompt``."""
+        each distinct text encoded once, in batches, through the pipeline's ``encode_prompt``.
+        The cache assumes the text encoders do not change; ``cached=False`` encodes afresh with the
+        encoders as they are now (e.g. with a text-encoder delta applied) and leaves the cache alone."""
+        if not cached:
+            saved, self._cache = self._cache, {}
+            try:
+                return self.encode(texts)
+            finally:
+                self._cache = saved
         todo = [t for t in dict.fromkeys(texts) if t not in self._cache]
         for t in todo:
             self._check_length(t)

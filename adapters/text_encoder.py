@@ -7,12 +7,20 @@ A host adapter that wants EMCID / null-space on the text encoder needs the equiv
 docs/text_encoder_editing.md.
 
 Canonical layer names: ``text_encoder.text_model.encoder.layers.{i}.mlp.fc2`` (and
-``text_encoder_2.…`` for SDXL's second encoder).
+``text_encoder_2.…`` for SDXL's second encoder); a T5 encoder's MLP output projection (FLUX's
+``text_encoder_2``, SD3's ``text_encoder_3``) is ``<comp>.encoder.block.{i}.layer.1.DenseReluDense.wo``:
+the same closed form applies, its keys are the inputs of ``wo`` (the gated-GELU activations).
+"fc2" below means either.
 
 Which layers the pipeline reads: SD 1.x/2.x read the last layer (through the final layer norm);
 SDXL reads the penultimate layer of both encoders (``hidden_states[-2]``), so its last layer
 only feeds the pooled embedding of encoder 2 and is never edited here. The default edit
-range is every read layer except the last one read (EMCID's best setting).
+range is every read layer except the last one read (EMCID's best setting). The MMDiT families
+(FLUX, SD3; ``model`` an :class:`~.mmdit_model.MMDiTModel`): FLUX reads CLIP-L's pooled vector
+(its last layer) and T5's last layer; SD3 reads the penultimate layer of CLIP-L and CLIP-G (as
+SDXL) and T5's last layer. T5 is bidirectional and the pipelines run it on padded sequences
+without a mask, so its states are always taken from full sequences padded to the model's
+``max_sequence_length`` (no causal prefix shortcut, no resumed forward).
 """
 from __future__ import annotations
 
@@ -23,8 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from ..core.prompts import Prompt
-from .base import content_ids, text_module_path
-from .families import FAMILIES
+from .base import PromptTooLongError, content_ids, text_module_path
+from .families import ALL_TEXT_ENCODERS, FAMILIES, encoder_kind
 
 # The text states the UNet's cross-attention reads (to_k / to_v input), named like a layer: the
 # key of their C0 (second_moments), of their stage I offsets and of null-space edits on them.
@@ -38,11 +46,15 @@ class LayerSelectionError(ValueError):
 # -- layers ----------------------------------------------------------------------------------
 def encoder_components(model) -> list[str]:
     pipe = model.pipe
-    return ["text_encoder"] + (["text_encoder_2"] if getattr(pipe, "text_encoder_2", None) is not None else [])
+    return [c for c in ALL_TEXT_ENCODERS if getattr(pipe, c, None) is not None]
 
 
 def encoder(model, comp: str):
     return getattr(model.pipe, comp)
+
+
+def is_t5(enc) -> bool:
+    return encoder_kind(enc.config) == "t5"
 
 
 def text_model(enc):
@@ -52,7 +64,14 @@ def text_model(enc):
 
 
 def enc_layers(enc):
-    return text_model(enc).encoder.layers
+    """The encoder's layers: CLIP ``encoder.layers``, T5 ``encoder.block``."""
+    return enc.encoder.block if is_t5(enc) else text_model(enc).encoder.layers
+
+
+def mlp_out(enc, i: int) -> torch.nn.Module:
+    """The MLP output projection of layer ``i``: CLIP ``mlp.fc2``, T5 ``layer[-1].DenseReluDense.wo``."""
+    layer = enc_layers(enc)[i]
+    return layer.layer[-1].DenseReluDense.wo if is_t5(enc) else layer.mlp.fc2
 
 
 def num_layers(model, comp: str) -> int:
@@ -60,9 +79,9 @@ def num_layers(model, comp: str) -> int:
 
 
 def read_depth(model, comp: str) -> int:
-    """How many layers (from the bottom) the UNet's text states depend on."""
+    """How many layers (from the bottom) the denoiser's text inputs depend on (T5: all of them)."""
     n = num_layers(model, comp)
-    return n - 1 if FAMILIES[model.family].penultimate else n
+    return n - 1 if FAMILIES[model.family].penultimate and not is_t5(encoder(model, comp)) else n
 
 
 def default_layers(model, comp: str) -> list[int]:
@@ -70,13 +89,19 @@ def default_layers(model, comp: str) -> list[int]:
     return list(range(max(1, read_depth(model, comp) - 1)))
 
 
-def fc2_name(comp: str, i: int) -> str:
+def fc2_name(comp: str, i: int, model=None) -> str:
+    """Canonical name of layer ``i``'s MLP output projection (``model`` tells a T5 component apart:
+    FLUX's ``text_encoder_2`` is T5, SDXL's and SD3's are CLIP)."""
+    if model is not None and is_t5(encoder(model, comp)):
+        return f"{comp}.encoder.block.{i}.layer.1.DenseReluDense.wo"
     return f"{comp}.text_model.encoder.layers.{i}.mlp.fc2"
 
 
 def parse_fc2_name(name: str) -> tuple[str, int]:
     comp, rest = name.split(".", 1)
     parts = rest.split(".")
+    if parts[-2:] == ["DenseReluDense", "wo"] and "block" in parts:
+        return comp, int(parts[parts.index("block") + 1])
     if parts[-2:] != ["mlp", "fc2"] or "layers" not in parts:
         raise KeyError(f"{name!r} is not a text-encoder fc2 layer")
     return comp, int(parts[parts.index("layers") + 1])
@@ -138,8 +163,9 @@ def resolve_layers(model, spec=None) -> dict[str, list[int]]:
 # -- token sequences -------------------------------------------------------------------------
 @dataclass
 class TokenizedPrompt:
-    ids: list[int]  # BOS + content + EOS (no padding)
+    ids: list[int]  # BOS + content + EOS (no padding), CLIP tokens
     subject: int  # position of the last subject token (0 = BOS when the subject is empty)
+    prompt: Prompt | None = None  # the text, for encoders with another tokenizer (T5)
 
 
 def tokenize_prompts(model, prompts: list[Prompt]) -> list[TokenizedPrompt]:
@@ -148,8 +174,44 @@ def tokenize_prompts(model, prompts: list[Prompt]) -> list[TokenizedPrompt]:
     for p in prompts:
         ids = content_ids(model, p.text)
         n_sub = len(model.token_ids(p.text[: p.subject_end])) if p.subject_end else 0
-        out.append(TokenizedPrompt([tok.bos_token_id, *ids, tok.eos_token_id], n_sub))
+        out.append(TokenizedPrompt([tok.bos_token_id, *ids, tok.eos_token_id], n_sub, p))
     return out
+
+
+def t5_batch(model, prompts: list[TokenizedPrompt], *, truncate: bool = False):
+    """(ids B x max_sequence_length, lengths incl. EOS, subject positions) for a T5 encoder of an
+    MMDiT model: each prompt's text padded as the pipeline pads it. A prompt longer than the
+    model's ``max_sequence_length`` is refused (its key would be another prompt's) unless
+    ``truncate`` (C0 captions: truncated as the pipeline truncates them)."""
+    tok, L = model.t5_tokenizer, model.max_sequence_length
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((len(prompts), L), pad, dtype=torch.long)
+    lengths, subjects = [], []
+    for r, p in enumerate(prompts):
+        if p.prompt is None:
+            raise ValueError("T5 keys need the prompt's text (TokenizedPrompt.prompt)")
+        seq = tok(p.prompt.text).input_ids
+        if len(seq) > L:
+            if not truncate:
+                raise PromptTooLongError(p.prompt.text, len(seq), L)
+            seq = seq[: L - 1] + [tok.eos_token_id]
+        ids[r, : len(seq)] = torch.tensor(seq)
+        lengths.append(len(seq))
+        subjects.append(min(model.t5_index(p.prompt), len(seq) - 1))
+    return ids, torch.tensor(lengths), torch.tensor(subjects)
+
+
+def encoder_batch(model, comp: str, prompts: list[TokenizedPrompt], positions: str):
+    """(padded ids, position mask) that the pipeline feeds encoder ``comp`` for ``prompts``; the
+    mask selects every position (``padded``) or BOS..EOS only (``tokens``)."""
+    if is_t5(encoder(model, comp)):
+        ids, lengths, _ = t5_batch(model, prompts, truncate=True)
+    else:
+        ids = padded_batch(model, comp, prompts)
+        lengths = torch.tensor([len(p.ids) for p in prompts])
+    if positions == "padded":
+        return ids, torch.ones(ids.shape, dtype=torch.bool)
+    return ids, torch.arange(ids.shape[1])[None, :] < lengths[:, None]
 
 
 def padded_batch(model, comp: str, prompts: list[TokenizedPrompt]) -> torch.Tensor:
@@ -182,9 +244,9 @@ def _hooks(enc, *, fc2_layers=(), out_layers=(), injection: Injection | None = N
         rows = torch.arange(injection.positions.shape[0])
 
         def inject(mod, inp, out):
-            out = out.clone()
-            out[rows, injection.positions] = out[rows, injection.positions] + injection.delta.to(out.dtype)
-            return out
+            h = (out[0] if isinstance(out, tuple) else out).clone()
+            h[rows, injection.positions] = h[rows, injection.positions] + injection.delta.to(h.dtype)
+            return (h, *out[1:]) if isinstance(out, tuple) else h
 
         handles.append(layers[injection.layer].register_forward_hook(inject))
 
@@ -193,10 +255,11 @@ def _hooks(enc, *, fc2_layers=(), out_layers=(), injection: Injection | None = N
 
     for i in fc2_layers:
         handles.append(
-            layers[i].mlp.fc2.register_forward_pre_hook(lambda m, inp, i=i: store.__setitem__(("fc2_in", i), take(inp[0])))
+            mlp_out(enc, i).register_forward_pre_hook(lambda m, inp, i=i: store.__setitem__(("fc2_in", i), take(inp[0])))
         )
-    for i in out_layers:
-        handles.append(layers[i].register_forward_hook(lambda m, inp, out, i=i: store.__setitem__(("out", i), take(out))))
+    for i in out_layers:  # a T5 block returns (hidden states, position bias, …)
+        handles.append(layers[i].register_forward_hook(
+            lambda m, inp, out, i=i: store.__setitem__(("out", i), take(out[0] if isinstance(out, tuple) else out))))
     try:
         yield
     finally:
@@ -260,7 +323,15 @@ def subject_states(
     every prefix (a list of (len_i x hidden) tensors); ``start=(l, those states)`` resumes the
     forward at layer l from them instead of running the layers below it again (valid while the
     layers below l are unchanged). Layers above the last requested one are not run then.
+
+    T5 (bidirectional) runs full padded sequences every time: ``start`` is ignored and
+    ``capture_input`` returns None.
     """
+    if is_t5(encoder(model, comp)):
+        out = _t5_subject_states(model, comp, prompts, fc2_layers, out_layers, batch_size)
+        if capture_input is not None:
+            out[("in", capture_input)] = None
+        return out
     seqs = [p.ids[: p.subject + 1] for p in prompts]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     eos = model.tokenizer.eos_token_id
@@ -307,6 +378,17 @@ def subject_states(
     if capture_input is not None:
         out[("in", capture_input)] = inputs
     return out
+
+
+def _t5_subject_states(model, comp, prompts, fc2_layers, out_layers, batch_size) -> dict:
+    ids, _, subjects = t5_batch(model, prompts)
+    res: dict = {}
+    for s in range(0, len(prompts), batch_size):
+        _, st = run_encoder(model, comp, ids[s : s + batch_size], subjects[s : s + batch_size].to(encoder(model, comp).device),
+                            fc2_layers=fc2_layers, out_layers=out_layers)
+        for k, v in st.items():
+            res.setdefault(k, []).append(v.float().cpu())
+    return {k: torch.cat(v) for k, v in res.items()}
 
 
 # -- what the UNet reads -----------------------------------------------------------------------
@@ -368,7 +450,8 @@ def text_states_fingerprint_weights(model) -> dict:
         for name, p in encoder(model, comp).named_parameters():
             if name.endswith("weight"):
                 out[f"{comp}.{name}"] = p
-    for name, p in model.pipe.unet.named_parameters():
+    unet = getattr(model.pipe, "unet", None)
+    for name, p in unet.named_parameters() if unet is not None else ():
         if name.endswith("attn2.to_k.weight") or name.endswith("conv_in.weight") or name.endswith("conv_out.weight"):
             out[f"unet.{name}"] = p
     return out

@@ -43,7 +43,12 @@ from ..core.delta import ConceptDelta
 from ..core.plan import EditPlan
 from ..solvers.emcid import emcid_solve_layer
 from .metadata import delta_metadata
-from .multilayer import preserve_prompts, spread_edit
+from .multilayer import (
+    check_mmdit_text_encoder,
+    is_mmdit,
+    preserve_prompts,
+    spread_edit,
+)
 from .second_moments import c0_exclusions, second_moments
 from .stage_i import compute_targets, requests_for, stage_i_config
 
@@ -59,10 +64,11 @@ def emcid_delta(
 
     ``images`` maps a source concept to destination images for ``targets: images``.
     """
+    check_mmdit_text_encoder(model, plan, "emcid")
     t0 = time.perf_counter()
     s = plan.settings
     layers = resolve_layers(model, s.layers)
-    names = [fc2_name(c, l) for c, ls in layers.items() for l in ls]
+    names = [fc2_name(c, l, model) for c, ls in layers.items() for l in ls]
     C0, cov_info = second_moments(
         model, names, s.corpus, cache_dir=s.cov_cache_dir, positions=s.cov_positions, progress=progress,
         exclude=c0_exclusions(plan),
@@ -89,6 +95,7 @@ def emcid_delta(
         stage_i={"steps_run": st1.steps_run, "cached": st1.cached, "computed": st1.computed},
         layers_report=report,
         seconds={"covariance": round(t_cov, 4), "targets": round(t_targets, 4)},
+        **({"max_sequence_length": model.max_sequence_length} if is_mmdit(model) else {}),
     )
     return ConceptDelta(out, meta)
 

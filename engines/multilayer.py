@@ -1,5 +1,6 @@
 """The multi-layer driver shared by the text-encoder editors (EMCID, null-space): MEMIT-style
-spreading of a wanted hidden-state change over several ``mlp.fc2`` layers, shallow to deep."""
+spreading of a wanted hidden-state change over several ``mlp.fc2`` layers (CLIP) or
+``DenseReluDense.wo`` layers (T5), shallow to deep."""
 from __future__ import annotations
 
 import torch
@@ -7,10 +8,28 @@ import torch
 from ..adapters.text_encoder import fc2_name, subject_states, tokenize_prompts
 from ..core.apply import apply_delta
 from ..core.delta import ConceptDelta, LayerDelta
-from ..core.plan import EditPlan
+from ..core.plan import EditPlan, PlanError
 from ..core.progress import tqdm
 from ..core.prompts import Prompt, expand
 from ..solvers.emcid import spread_residual
+
+
+def is_mmdit(model) -> bool:
+    """A FLUX / SD3 model (adapters/mmdit_model.py): its text reaches a transformer, not a UNet."""
+    return hasattr(model, "key_spaces")
+
+
+def check_mmdit_text_encoder(model, plan: EditPlan, method: str) -> None:
+    """Refuse what the text-encoder editors cannot do on FLUX / SD3 (yet): stage I target
+    optimisation, which runs the denoiser (a UNet here), and ``images``. ``dest_hidden`` targets
+    (the destination prompt's own text states) need no denoiser and work on every encoder."""
+    if not is_mmdit(model):
+        return
+    targets = plan.settings.targets
+    if targets != "dest_hidden":
+        raise PlanError(f"{method} on {model.family} models: targets {targets!r} optimises target states through the "
+                        "denoiser (stage I), which is built for UNet models only; use targets: dest_hidden (the "
+                        "destination prompt's own text states, no denoiser)")
 
 
 def preserve_prompts(plan: EditPlan) -> list[Prompt]:
@@ -82,7 +101,7 @@ def spread_edit(
                 else:
                     w = w_edit[owner]
                 Kp = subject_states(model, comp, kept, fc2_layers=[l])[("fc2_in", l)].double() if kept else None
-                name = fc2_name(comp, l)
+                name = fc2_name(comp, l, model)
                 up, down, info = solve(name, K, R, w, Kp)
                 ld = LayerDelta(up.float(), down.float()).compact()
                 out[name] = ld

@@ -43,12 +43,12 @@ import torch
 
 from ..adapters.text_encoder import TEXT_STATES, fc2_name, resolve_layers
 from ..core.delta import ConceptDelta, LayerDelta
-from ..core.plan import EditPlan
+from ..core.plan import EditPlan, PlanError
 from ..core.progress import tqdm
 from ..core.prompts import expand
 from ..solvers.nullspace import EditHistory, null_space_projector, nullspace_solve_layer
 from .metadata import delta_metadata
-from .multilayer import spread_edit
+from .multilayer import check_mmdit_text_encoder, is_mmdit, spread_edit
 from .second_moments import c0_exclusions, caption_moments, second_moments
 from .stage_i import compute_targets, requests_for, stage_i_config
 
@@ -138,6 +138,10 @@ def nullspace_delta(
     hfile = plan.settings.history_file
     if history is None and hfile:
         history = load_history(hfile) if Path(hfile).exists() else EditHistory()
+    if is_mmdit(model) and site != "text_encoder":
+        raise PlanError(f"nullspace on {model.family} models edits the text encoders (site: text_encoder); their "
+                        "transformer has no cross-attention reading fixed text states: use uce for its text readers")
+    check_mmdit_text_encoder(model, plan, "nullspace")
     if site == "text_encoder":
         delta = _text_encoder(model, plan, history, images, progress)
     else:
@@ -151,7 +155,7 @@ def _text_encoder(model, plan, history, images, progress):
     t0 = time.perf_counter()
     s = plan.settings
     layers = resolve_layers(model, s.layers)
-    names = [fc2_name(c, l) for c, ls in layers.items() for l in ls]
+    names = [fc2_name(c, l, model) for c, ls in layers.items() for l in ls]
     P, pinfo = projectors(model, plan, names, progress=progress)
     st1 = compute_targets(
         model, requests_for(plan, images), plan.templates, layers, stage_i_config(s),
@@ -179,6 +183,7 @@ def _text_encoder(model, plan, history, images, progress):
         stage_i={"steps_run": st1.steps_run, "cached": st1.cached, "computed": st1.computed},
         layers_report=report,
         history_keys=len(history) if history is not None else None,
+        **({"max_sequence_length": model.max_sequence_length} if is_mmdit(model) else {}),
     )
     return delta
 
@@ -237,6 +242,8 @@ def preserve_drift(model, plan: EditPlan, delta: ConceptDelta) -> float | None:
     caps = _preserve_captions(plan)
     if not caps:
         return None
+    if is_mmdit(model):  # what the transformer reads: every context token and the pooled vector
+        return _mmdit_drift(model, caps, delta)
     ids = [model.padded_ids(c) for c in caps]
     X = torch.cat(model.encode_ids(ids)).double()
     if all(n.startswith("unet.") for n in delta.layers):
@@ -247,6 +254,22 @@ def preserve_drift(model, plan: EditPlan, delta: ConceptDelta) -> float | None:
     h = apply_delta(delta, model.weights(list(delta.layers)), check_fingerprint=False)
     try:
         X1 = torch.cat(model.encode_ids(ids)).double()
+    finally:
+        h.remove()
+    return round(float((X1 - X).norm() / X.norm()), 6)
+
+
+def _mmdit_drift(model, caps: list[str], delta: ConceptDelta) -> float:
+    from ..core.apply import apply_delta
+
+    def read():
+        enc = model.encode(caps, cached=False)
+        return torch.cat([torch.cat([enc[c][0].flatten(), enc[c][1].flatten()]) for c in caps]).double()
+
+    X = read()
+    h = apply_delta(delta, model.weights(list(delta.layers)), check_fingerprint=False)
+    try:
+        X1 = read()
     finally:
         h.remove()
     return round(float((X1 - X).norm() / X.norm()), 6)

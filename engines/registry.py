@@ -19,6 +19,11 @@ ENGINES = {
 }
 
 
+# what runs on the MMDiT families (FLUX, SD3): UCE on the text readers, EMCID and null-space on the
+# text encoders (targets: dest_hidden); emcid+uce, RECE and SPEED are built for UNet cross-attention
+MMDIT_METHODS = ("uce", "emcid", "nullspace")
+
+
 def engine(method: str):
     if method not in ENGINES:
         raise PlanError(f"unknown method {method!r}; available: {', '.join(ENGINES)}")
@@ -44,9 +49,10 @@ def unknown_words(model, concepts) -> list[str]:
 def compute_delta(model, plan: EditPlan, **kw) -> ConceptDelta:
     """The delta of ``plan`` on ``model`` by ``plan.method``; warns about concept words the
     model's tokenizer spells letter by letter (the edit then targets letter tokens)."""
-    if hasattr(model, "key_spaces") and plan.method != "uce":  # MMDiT families (FLUX, SD3)
+    if hasattr(model, "key_spaces") and plan.method not in MMDIT_METHODS:  # MMDiT families (FLUX, SD3)
         raise PlanError(f"method {plan.method!r} does not support {model.family} models yet; use uce "
-                        "(it edits their context and pooled-text embedders)")
+                        "(it edits their context and pooled-text embedders), or emcid / nullspace (their text "
+                        "encoders: CLIP mlp.fc2, T5 DenseReluDense.wo)")
     unknown = unknown_words(model, [e.source for e in plan.edits])
     if unknown:
         warnings.warn(f"this model's tokenizer does not know these words and spells them letter by letter: "

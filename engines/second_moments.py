@@ -42,9 +42,8 @@ from ..adapters.text_encoder import (
     TEXT_STATES,
     TokenizedPrompt,
     encoder,
+    encoder_batch,
     encoder_components,
-    fc2_name,
-    padded_batch,
     parse_fc2_name,
     run_encoder,
 )
@@ -52,6 +51,7 @@ from ..core.atomic import atomic_path
 from ..core.cache import cache_root
 from ..core.delta import fingerprint
 from ..core.progress import tqdm
+from ..core.prompts import Prompt
 
 DEFAULT_CAPTIONS = [
     "a photo of a dog running on the beach", "a cat sleeping on a sofa", "a bowl of fruit on a wooden table",
@@ -162,7 +162,7 @@ def caption_ids(model, captions: list[str]) -> tuple[list[TokenizedPrompt], int]
     for c in captions:
         ids = model.token_ids(c)
         cut += len(ids) > room
-        out.append(TokenizedPrompt([tok.bos_token_id, *ids[:room], tok.eos_token_id], 0))
+        out.append(TokenizedPrompt([tok.bos_token_id, *ids[:room], tok.eos_token_id], 0, Prompt(c, 0)))
     return out, cut
 
 
@@ -178,24 +178,21 @@ def caption_sums(model, captions: list[str], names: list[str], *, batch_size: in
     sums = {n: None for n in names}
     counts = {n: 0 for n in names}
     by_comp: dict[str, list[int]] = {}
+    name_of: dict[tuple[str, int], str] = {}
     for n in names:
         if n != TEXT_STATES:
             comp, i = _fc2_index(n)
             by_comp.setdefault(comp, []).append(i)
+            name_of[comp, i] = n
     batches = range(0, len(prompts), batch_size)
     for start in tqdm(batches, desc="C0 batches", disable=not progress, leave=False):
         chunk = prompts[start : start + batch_size]
-        lengths = torch.tensor([len(p.ids) for p in chunk])
-        if positions == "padded":
-            mask = torch.ones(len(chunk), model.max_tokens, dtype=torch.bool)
-        else:
-            mask = torch.arange(model.max_tokens)[None, :] < lengths[:, None]
         for comp, layers in by_comp.items():
-            ids = padded_batch(model, comp, chunk)
+            ids, mask = encoder_batch(model, comp, chunk, positions)  # T5: its own tokens and length
             _, st = run_encoder(model, comp, ids, None, fc2_layers=layers)
             for i in layers:
                 x = st[("fc2_in", i)].to(torch.float64).cpu()[mask]
-                n = fc2_name(comp, i)
+                n = name_of[comp, i]
                 g = x.mT @ x
                 sums[n] = g if sums[n] is None else sums[n] + g
                 counts[n] += x.shape[0]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,13 +33,21 @@ from ..core.delta import ConceptDelta, LayerDelta, check_rank
 META_KEY = "concept_edit"
 
 
+MMDIT_FAMILIES = ("flux", "sd3")
+
+
 def kohya_prefix(component: str, family: str | None) -> str:
+    """kohya prefix of a component. FLUX / SD3 text encoders are numbered in pipeline order as
+    OneTrainer names them and ComfyUI's LoRA loader maps them: ``lora_te1_`` CLIP-L, FLUX
+    ``lora_te2_`` T5; SD3 ``lora_te2_`` CLIP-G, ``lora_te3_`` T5."""
     if component == "unet":
         return "lora_unet_"
     if component == "text_encoder":
-        return "lora_te1_" if family == "sdxl" else "lora_te_"
+        return "lora_te1_" if family in ("sdxl", *MMDIT_FAMILIES) else "lora_te_"
     if component == "text_encoder_2":
         return "lora_te2_"
+    if component == "text_encoder_3":
+        return "lora_te3_"
     raise ValueError(f"no LoRA naming for component {component!r}")
 
 
@@ -101,6 +110,14 @@ def save_lora(delta: ConceptDelta, path: str | Path, *, rank: int | None = None,
     """
     tensors, names, errors = kohya_state_dict(delta, rank)
     info = {"kind": "lora", "rank": rank, "max_rel_error": max(errors.values(), default=0.0), "errors": errors}
+    te = [n for n in delta.layers if n.startswith("text_encoder")]
+    if te and delta.metadata.get("family") in MMDIT_FAMILIES:
+        warnings.warn(
+            f"{Path(path).name}: diffusers (0.42) load_lora_weights does not load the text-encoder layers of this "
+            f"{delta.metadata['family']} LoRA ({len(te)} layer(s), e.g. {te[0]}): it has no T5 LoRA support and, under "
+            "transformers 5, does not place CLIP LoRA keys either; apply it with concept-edit (apply / export, "
+            "files.formats.load_delta + core.apply.apply_delta) or ComfyUI's LoRA loader (docs/mmdit.md)", stacklevel=2)
+    info["diffusers_loads_all"] = not (te and delta.metadata.get("family") in MMDIT_FAMILIES)
     with atomic_path(path, overwrite) as tmp:
         save_file(tensors, str(tmp), metadata=_header(delta, names, info))
     return info
@@ -185,7 +202,7 @@ def load_delta(path: str | Path, *, known_layers=None) -> ConceptDelta:
 
 
 # -- LoRAs made elsewhere ----------------------------------------------------------------------
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
 PEFT_PARTS = {".lora_A.weight": "lora_down.weight", ".lora_B.weight": "lora_up.weight"}
 
 

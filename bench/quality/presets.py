@@ -13,7 +13,12 @@ Presets (all cheap enough for 1,000 edits on a CPU except the ``-distill`` ones)
 - ``nullspace-xattn``: null-space constrained cross-attention editing (UCE keys / targets).
 - ``emcid+uce``: EMCID on the text encoder, then UCE on cross-attention over the edited encoder.
 
+- ``emcid-t5`` / ``nullspace-t5``, ``emcid-clip`` / ``nullspace-clip`` (FLUX / SD3): the same
+  methods on the T5 encoder's ``DenseReluDense.wo`` layers only, or on the CLIP encoders' ``mlp.fc2``
+  only (default layers of those encoders: every read layer but the last).
+
 ``corpus`` (caption list or file) is the C0 corpus; pass the testbed's caption corpus.
+Bench-only option ``encoders``: "t5" | "clip" restricts ``layers`` to those encoders of the model.
 """
 from __future__ import annotations
 
@@ -29,7 +34,23 @@ PRESETS: dict[str, tuple[str, dict]] = {
     "nullspace": ("nullspace", {"site": "text_encoder", "projector": "both", "targets": "dest_hidden"}),
     "nullspace-xattn": ("nullspace", {"site": "cross_attention", "projector": "both", "targets": "dest_hidden"}),
     "emcid+uce": ("emcid+uce", {"targets": "dest_hidden", "alpha": 0.5}),
+    # FLUX / SD3 text encoders, one kind at a time
+    "emcid-t5": ("emcid", {"targets": "dest_hidden", "alpha": 0.5, "encoders": "t5"}),
+    "emcid-clip": ("emcid", {"targets": "dest_hidden", "alpha": 0.5, "encoders": "clip"}),
+    "nullspace-t5": ("nullspace", {"site": "text_encoder", "projector": "both", "targets": "dest_hidden", "encoders": "t5"}),
+    "nullspace-clip": ("nullspace", {"site": "text_encoder", "projector": "both", "targets": "dest_hidden",
+                                     "encoders": "clip"}),
 }
+
+
+def encoder_layers(model, kind: str) -> dict:
+    """``layers`` selecting the default layers of the model's T5 (``kind`` "t5") or CLIP encoders."""
+    from concept_edit.adapters.text_encoder import encoder, encoder_components, is_t5
+
+    comps = [c for c in encoder_components(model) if is_t5(encoder(model, c)) == (kind == "t5")]
+    if kind not in ("t5", "clip") or not comps:
+        raise ValueError(f"this {model.family} model has no {kind!r} text encoder")
+    return {c: None for c in comps}
 
 
 def with_settings(plan: EditPlan, engine: str, values: dict) -> EditPlan:
@@ -48,7 +69,11 @@ def make_method(name: str, *, corpus=None, cache_dir=None, progress: bool = Fals
         defaults.setdefault("targets_cache_dir", f"{cache_dir}/targets")
 
     def run(model, plan: EditPlan) -> ConceptDelta:
-        p = with_settings(plan, engine, {**defaults, **({"corpus": corpus} if corpus is not None else {})})
+        values = {**defaults, **({"corpus": corpus} if corpus is not None else {})}
+        kind = values.pop("encoders", None)
+        if kind is not None:
+            values["layers"] = encoder_layers(model, kind)
+        p = with_settings(plan, engine, values)
         if engine == "emcid":
             from concept_edit.engines.emcid import emcid_delta
 

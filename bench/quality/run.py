@@ -43,6 +43,7 @@ DEFAULT_METHODS = ["uce", "emcid", "emcid:cov_weight=1000", "nullspace", "nullsp
 # the FLUX-shaped testbed: UCE is the method that supports the family; its key-token choices for the
 # bidirectional T5 and its choice of text readers (the context embedder, the pooled-text embedder)
 FLUX_METHODS = ["uce", "uce:token=aligned", "uce:token=all", "uce:readers=context", "uce:readers=pooled"]
+DEFAULT_TASKS = "replace,erase,style,rectify,debias"
 
 
 def ci95(x) -> float:
@@ -457,7 +458,8 @@ def main(argv=None):
                     "options per method as name:key=value+key=value, e.g. emcid:cov_weight=100+layers=\"0-1\"")
     ap.add_argument("--counts", default=None)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--tasks", default="replace,erase,style,rectify,debias")
+    ap.add_argument("--tasks", default=None, help=f"comma list (default {DEFAULT_TASKS}; by default only UCE methods "
+                    "run the erase sweep, named here it runs for every method)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", type=Path, default=None, help="diffusers folder (default: the bundled testbed model)")
     ap.add_argument("--arch", choices=("unet", "flux"), default="unet",
@@ -478,12 +480,12 @@ def main(argv=None):
     methods = build_methods(names, corpus)
     res = {"counts": counts, "replace": {}, "erase": {}, "style": {}, "rectify": {}, "quick": a.quick, "arch": a.arch,
            "n_eval": b.n_eval, "n_holdout": len(b.holdout)}
-    tasks = set(a.tasks.split(","))
+    tasks = set((a.tasks or DEFAULT_TASKS).split(","))
     for name, fn in methods.items():
         print(f"method {name}", flush=True)
         if "replace" in tasks:
             res["replace"][name] = b.object_sweep(fn, counts, "replace")
-        if name.startswith("uce") and not a.quick and "erase" in tasks:
+        if (name.startswith("uce") or a.tasks) and not a.quick and "erase" in tasks:
             res["erase"][name] = b.object_sweep(fn, counts, "erase")
         if "style" in tasks:
             res["style"][name] = b.style_erasure(fn, [1] if a.quick else [1, 5, 24])
