@@ -100,6 +100,10 @@ def agreement(images: np.ndarray, meta: list[dict]) -> dict:
         out[name] = {"agree": k / max(1, len(ims)), "k": k, "ci": wilson(k, len(ims))}
     close = dist <= np.quantile(dist, 0.75) if len(dist) else dist
     same = (tv == cv).all(1)
+    for tag, sel in (("object_edited", np.array([m["edited"] for m in meta], bool)),
+                     ("object_unedited", ~np.array([m["edited"] for m in meta], bool))):
+        k, n = int(same[sel].sum()), int(sel.sum())
+        out[tag] = {"agree": k / n if n else None, "k": k, "n": n, "ci": wilson(k, n)}
     out["object_closest_75pct"] = {"agree": float(same[close].mean()) if close.any() else None, "n": int(close.sum()),
                                    "ci": wilson(int(same[close].sum()), int(close.sum()))}
     out["rms_distance_quartiles"] = [float(q) for q in np.quantile(dist, [0.25, 0.5, 0.75])] if len(dist) else []
@@ -109,12 +113,25 @@ def agreement(images: np.ndarray, meta: list[dict]) -> dict:
     return out
 
 
+def load_unedited(cache_file: Path, k: int, seed: int = 0) -> tuple[np.ndarray, list[dict]]:
+    """``k`` random unedited images from a protocol-2 cache file (prompt, seed) -> (probabilities, image)."""
+    z = np.load(cache_file, allow_pickle=False)
+    keys = [json.loads(x) for x in z["keys"]]
+    idx = np.random.default_rng(seed).choice(len(keys), min(k, len(keys)), replace=False)
+    return z["images"][idx], [{"prompt": keys[i][0], "seed": keys[i][1], "edited": False, "spec": None} for i in idx]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=Path, default=HERE / "protocol2" / "samples")
+    ap.add_argument("--unedited", type=Path, nargs="*", default=[], help="protocol-2 unedited-image cache files to sample")
+    ap.add_argument("--n-unedited", type=int, default=200)
     ap.add_argument("--out", type=Path, default=HERE / "protocol2")
     a = ap.parse_args(argv)
     ims, meta = load_samples(a.samples)
+    for f in a.unedited:
+        i2, m2 = load_unedited(f, a.n_unedited)
+        ims, meta = np.concatenate([ims, i2]), meta + m2
     res = agreement(ims, meta)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "judge.json").write_text(json.dumps(res, indent=1))
