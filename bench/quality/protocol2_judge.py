@@ -107,6 +107,8 @@ def agreement(images: np.ndarray, meta: list[dict]) -> dict:
     out["object_closest_75pct"] = {"agree": float(same[close].mean()) if close.any() else None, "n": int(close.sum()),
                                    "ci": wilson(int(same[close].sum()), int(close.sum()))}
     out["rms_distance_quartiles"] = [float(q) for q in np.quantile(dist, [0.25, 0.5, 0.75])] if len(dist) else []
+    out["_disagree_idx"] = [i for i in range(len(ims)) if not same[i]]
+    out["_images"] = ims
     out["disagreements"] = [{"prompt": m["prompt"], "spec": m.get("spec"), "edited": m["edited"], "template": tv[i].tolist(),
                              "classifier": cv[i].tolist(), "rms": round(float(dist[i]), 1)}
                             for i, m in enumerate(meta) if not same[i]][:40]
@@ -134,9 +136,34 @@ def main(argv=None):
         ims, meta = np.concatenate([ims, i2]), meta + m2
     res = agreement(ims, meta)
     a.out.mkdir(parents=True, exist_ok=True)
+    sheet(res.pop("_images"), res.pop("_disagree_idx"), res["disagreements"], a.out / "judge_disagreements.png")
     (a.out / "judge.json").write_text(json.dumps(res, indent=1))
     print(json.dumps({k: v for k, v in res.items() if k != "disagreements"}, indent=1))
     return res
+
+
+def sheet(ims: np.ndarray, idx: list[int], info: list[dict], path: Path, cols: int = 8) -> None:
+    """The disagreeing images, 4x enlarged, titled with both labels (shape/colour/pattern names)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from concept_edit.testbed.world import COLOURS, PATTERNS, SHAPES
+
+    idx = idx[: len(info)]
+    if not idx:
+        return
+    name = lambda v: f"{SHAPES[v[0]]} {COLOURS[v[1]]} {PATTERNS[v[2]]}"
+    rows = math.ceil(len(idx) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.9, rows * 2.3), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i, d in zip(axes.flat, idx, info):
+        ax.imshow(ims[i], interpolation="nearest")
+        ax.set_title(f"T: {name(d['template'])}\nC: {name(d['classifier'])}\nrms {d['rms']}", fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
