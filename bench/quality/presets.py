@@ -66,7 +66,8 @@ def make_method(name: str, *, corpus=None, cache_dir=None, progress: bool = Fals
     defaults = {**defaults, **overrides}
     if cache_dir is not None:
         defaults.setdefault("cov_cache_dir", f"{cache_dir}/covariance")
-        defaults.setdefault("targets_cache_dir", f"{cache_dir}/targets")
+        if defaults.get("targets") != "dest_hidden":  # dest_hidden has no stage I to cache (and refuses the setting)
+            defaults.setdefault("targets_cache_dir", f"{cache_dir}/targets")
 
     def run(model, plan: EditPlan) -> ConceptDelta:
         values = {**defaults, **({"corpus": corpus} if corpus is not None else {})}

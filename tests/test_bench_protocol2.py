@@ -1,0 +1,133 @@
+"""Protocol 2 of the quality bench (bench/quality/protocol2.py): the split keeps evaluation
+concepts away from what methods see, the corpus drops the out-of-corpus objects, small counts
+still evaluate every source, the validation choice follows its rule, the rule-based judge reads
+clean renders, and the quick run produces every metric."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+QUALITY = Path(__file__).resolve().parents[1] / "bench" / "quality"
+
+
+def _load(name):
+    sys.path.insert(0, str(QUALITY))
+    spec = importlib.util.spec_from_file_location(name, QUALITY / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def p2():
+    return _load("protocol2")
+
+
+@pytest.fixture(scope="module")
+def world():
+    from concept_edit.testbed.world import build_world
+
+    return build_world(1000)
+
+
+def test_split_roles_disjoint_and_sized(p2, world):
+    sp = p2.make_split(world, 0)
+    roles = ["dest", "preserve", "val_in", "test_in", "val_src", "test_src", "filler", "val_out", "test_out"]
+    seen = [i for r in roles for i in sp[r]]
+    assert len(seen) == len(set(seen)) == 1000
+    assert len(sp["ooc"]) == 300 and set(sp["ooc"]) == set(sp["val_out"]) | set(sp["test_out"])
+    assert min(len(sp[r]) for r in ("val_in", "test_in", "val_src", "test_src")) == 100
+    assert p2.make_split(world, 0) == sp and p2.make_split(world, 1)["test_src"] != sp["test_src"]
+    for part, other in (("test", "val"), ("val", "test")):
+        order = p2.edit_order(sp, part)
+        hold = set(sp[f"{part}_in"]) | set(sp[f"{part}_out"])
+        # a run never edits its own holdouts, the other part's holdouts outside C0, destinations or the preserve set
+        assert not set(order) & (hold | set(sp[f"{other}_out"]) | set(sp["dest"]) | set(sp["preserve"]))
+        assert len(order) == len(set(order)) == 450
+        assert all(sp["dest_of"][str(i)] in sp["dest"] for i in order)
+
+
+def test_corpus_drops_out_of_corpus_objects(p2, world):
+    sp = p2.make_split(world, 0)
+    corpus = p2.protocol_corpus(world, sp, 3000)
+    words = {w for c in corpus for w in c.replace(",", " ").split()}
+    ooc = {world.objects[i].name for i in sp["ooc"]} | {world.objects[i].alias for i in sp["ooc"] if world.objects[i].alias}
+    assert not words & ooc
+    inside = {world.objects[i].name for i in sp["test_in"]}
+    assert words & inside  # holdouts inside C0 are named by it
+    assert 0.6 * 3000 < len(corpus) < 0.8 * 3000
+
+
+def test_small_counts_evaluate_every_source_and_holdout_once(p2, world):
+    sp = p2.make_split(world, 0)
+    gs = p2.groups_for(sp, "test", 10, 100, 100)
+    assert len(gs) == 10 and all(len(g["edited"]) == 10 for g in gs)
+    assert sorted(i for g in gs for i in g["eval"]) == sorted(sp["test_src"])
+    assert sorted(i for g in gs for i in g["hin"]) == sorted(sp["test_in"])
+    assert sorted(i for g in gs for i in g["hout"]) == sorted(sp["test_out"][:100])
+    big = p2.groups_for(sp, "test", 450, 100, 100)
+    assert len(big) == 1 and big[0]["eval"] == sp["test_src"] and len(big[0]["edited"]) == 450
+    with pytest.raises(ValueError):
+        p2.groups_for(sp, "test", 451, 100, 100)
+
+
+def test_neighbours_share_exactly_two_factors(p2, world):
+    a = world.objects[0]
+    nb = [o for o in world.objects if p2.shares_two(a, o)]
+    assert nb and all(sum(x == y for x, y in zip(a.visual, o.visual)) == 2 for o in nb)
+    assert not p2.shares_two(a, a)
+
+
+def _cell(spec, n, s2d, hin, hout):
+    m = lambda v: {"mean": v, "ci": 0.01, "n": 100}
+    return {"spec": spec, "n": n, "metrics": {"S2D_para": m(s2d), "HD_in": m(hin), "HD_out": m(hout)}}
+
+
+def test_choice_prefers_settings_meeting_the_aim(p2):
+    cells = [_cell("emcid:cov_weight=100", 10, 0.9, -0.2, -0.3), _cell("emcid:cov_weight=1000", 10, 0.8, -0.01, -0.1),
+             _cell("emcid:cov_weight=10000", 10, 0.1, 0.0, 0.0),
+             _cell("emcid:cov_weight=100", 450, 0.7, -0.9, -0.9), _cell("emcid:cov_weight=1000", 450, 0.5, -0.3, -0.6)]
+    ch = p2.choose(cells)
+    assert ch["10"]["spec"] == "emcid:cov_weight=1000" and ch["10"]["meets_aim"]
+    assert ch["450"]["spec"] == "emcid:cov_weight=1000" and not ch["450"]["meets_aim"]  # best S2D + HD in + HD out
+
+
+def test_spec_resolution_labels_and_rules(p2):
+    name, opts, label = p2.resolve_spec("emcid:cov_per_edit=10", 450, {})
+    assert name == "emcid" and opts == {"cov_weight": 4500.0} and "destination's own hidden state" in label
+    choices = {"emcid:cov_weight": {"100": {"value": 1000.0}}}
+    assert p2.resolve_spec("emcid:cov_weight=tuned", 100, choices)[1] == {"cov_weight": 1000.0}
+    with pytest.raises(KeyError):
+        p2.resolve_spec("emcid:cov_weight=tuned", 10, choices)
+
+
+def test_rule_based_judge_reads_renders(world):
+    judge = _load("protocol2_judge")
+    from concept_edit.testbed.render import render
+
+    rng = np.random.default_rng(0)
+    objs = [world.objects[i] for i in rng.choice(1000, 24, replace=False)]
+    ims = np.stack([render(*o.visual, rng=rng) for o in objs]).astype(np.float32)
+    ims = np.clip(ims + rng.normal(0, 12, ims.shape), 0, 255).astype(np.uint8)  # sampler-like noise
+    vis, dist = judge.template_labels(ims)
+    assert [tuple(v) for v in vis] == [o.visual for o in objs]
+    assert (dist < 20).all()
+
+
+def test_quick_run_end_to_end(p2, tmp_path):
+    cells = p2.main(["run", "--quick", "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")])
+    assert [c["n"] for c in cells] == [1, 2] and all("error" not in c for c in cells)
+    one = cells[0]
+    assert one["groups"] == 2  # two single-object edits cover both sources
+    m = one["metrics"]
+    assert m["S2D_para"]["n"] == 2 and m["HD_in"]["n"] == 2 and m["HD_out"]["n"] == 2
+    assert m["HD_nbr"]["n"] + m["HD_far"]["n"] == 4
+    # UCE replaces one object cleanly on the bundled model
+    assert m["S2D_para"]["mean"] > 0.5 and m["SF"]["mean"] > 0.5
+    assert (tmp_path / "out" / "cells" / "test" / "seed0" / "uce__n1.json").exists()
+    again = p2.main(["run", "--quick", "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")])
+    assert json.dumps(again[0]["metrics"]) == json.dumps(one["metrics"])  # resumed from the saved cell
+    assert list((tmp_path / "out" / "samples").glob("*.npz"))
