@@ -95,6 +95,28 @@ def tiny_sd1_dir(tmp_path_factory, tiny):
     return d
 
 
+@pytest.fixture
+def full_and_single_file_deltas(tiny, tmp_path):
+    """plan -> (delta on the tiny SD1 pipeline, delta on the same weights as a lazy single file),
+    after checking they have the same layers and the same dense changes."""
+    from concept_edit.adapters.ldm_convert import save_single_file
+    from concept_edit.adapters.single_file_model import SingleFileModel
+    from concept_edit.engines.registry import compute_delta
+
+    def run(plan):
+        pipe, model = tiny("sd1")
+        pipe.save_pretrained(str(tmp_path / "config"))
+        path = save_single_file(pipe, tmp_path / "sd1.safetensors")
+        full = compute_delta(model, plan, progress=False)
+        lazy = compute_delta(SingleFileModel(path, tmp_path / "config"), plan, progress=False)
+        assert list(lazy.layers) == list(full.layers)
+        for n, ld in full.layers.items():
+            torch.testing.assert_close(lazy.layers[n].dense(), ld.dense(), rtol=1e-5, atol=1e-6)
+        return full, lazy
+
+    return run
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

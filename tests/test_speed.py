@@ -272,19 +272,9 @@ def test_refusals(tiny):
         speed_delta(flux, _plan(), progress=False)
 
 
-def test_single_file_model_gives_the_same_delta(tiny, tmp_path):
+def test_single_file_model_gives_the_same_delta(full_and_single_file_deltas):
     """The CLI computes SPEED lazily on a single file (text encoders and cross-attention weights only)."""
-    from concept_edit.adapters.ldm_convert import save_single_file
-    from concept_edit.adapters.single_file_model import SingleFileModel
-
-    pipe, model = tiny("sd1")
-    pipe.save_pretrained(str(tmp_path / "config"))
-    path = save_single_file(pipe, tmp_path / "sd1.safetensors")
-    full = compute_delta(model, _plan(), progress=False)
-    lazy = compute_delta(SingleFileModel(path, tmp_path / "config"), _plan(), progress=False)
-    assert list(lazy.layers) == list(full.layers)
-    for n, ld in full.layers.items():
-        torch.testing.assert_close(lazy.layers[n].dense(), ld.dense(), rtol=1e-5, atol=1e-6)
+    full, lazy = full_and_single_file_deltas(_plan())
     assert lazy.metadata["layers_report"] == full.metadata["layers_report"]
 
 
