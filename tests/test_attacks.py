@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from concept_edit.testbed import CLASSIFIER_PATH, model_dir
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "quality"
@@ -18,12 +17,7 @@ needs_assets = pytest.mark.skipif(not (model_dir() / "model_index.json").exists(
                                   reason="testbed weights not present")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: generation on one thread
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,7 @@ needs_flux = pytest.mark.skipif(not (FLUX_MODEL_DIR / "model_index.json").exists
                                 reason="FLUX testbed weights not present")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: generation on one thread
 
 
 def test_t5_tokenizer_gives_one_token_per_word(tmp_path):

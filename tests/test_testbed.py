@@ -11,14 +11,7 @@ from concept_edit.testbed.grammar import (
 )
 from concept_edit.testbed.world import build_world
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Generation runs 10-20x faster on one thread when the 2 cores are shared (OpenMP spin-waits)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: generation on one thread
 
 
 needs_assets = pytest.mark.skipif(not (model_dir() / "model_index.json").exists() or not CLASSIFIER_PATH.exists(),
