@@ -30,6 +30,7 @@ import contextlib
 
 import torch
 
+from ..core.delta import fingerprint
 from ..core.progress import tqdm
 from ..core.prompts import Prompt
 from .base import PromptTooLongError, canonical_text_path
@@ -71,6 +72,7 @@ class MMDiTModel:
         self.max_tokens = self.tokenizer.model_max_length
         self.key_dim = int(pipe.transformer.config.joint_attention_dim)
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache_fingerprint: str | None = None  # of the text encoders the cache was encoded with
 
     # -- tokens ---------------------------------------------------------------
     def token_ids(self, text: str) -> list[int]:
@@ -82,8 +84,12 @@ class MMDiTModel:
     def encode(self, texts: list[str], *, cached: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """text -> (token states (L, key_dim), pooled (P,)) as the transformer reads them, float32;
         each distinct text encoded once, in batches, through the pipeline's ``encode_prompt``.
-        The cache assumes the text encoders do not change; ``cached=False`` encodes afresh with the
-        encoders as they are now (e.g. with a text-encoder delta applied) and leaves the cache alone."""
+        The cache is dropped when the text encoders' weights change (a text-encoder delta applied or
+        removed, a LoRA fused), so keys always come from the encoders as they are now;
+        ``cached=False`` encodes without reading or filling the cache (e.g. a large caption corpus)."""
+        fp = fingerprint(self.text_encoder_weights())
+        if fp != self._cache_fingerprint:
+            self._cache, self._cache_fingerprint = {}, fp
         if not cached:
             saved, self._cache = self._cache, {}
             try:

@@ -182,6 +182,26 @@ def test_delta_applies_round_trips_and_exports(mmdit, tmp_path):
     assert any(n.startswith(t5) for n in delta.layers)
 
 
+def test_encoding_cache_follows_text_encoder_weights(mmdit):
+    """Keys come from the encoders as they are: a text-encoder delta applied in place (or removed)
+    drops the cached encodings instead of serving the unedited ones."""
+    _, m = mmdit
+    text = "a photo of a cat"
+    before = m.encode([text])[text][0].clone()
+    w = m.text_encoder_weights()[f"{T5[m.family]}.encoder.block.0.layer.1.DenseReluDense.wo"]
+    snap = w.detach().clone()
+    with torch.no_grad():
+        w.add_(0.5 * torch.randn_like(w))
+    try:
+        edited = m.encode([text])[text][0]
+        assert not torch.allclose(edited, before)
+        torch.testing.assert_close(edited, m.encode([text], cached=False)[text][0])
+    finally:
+        with torch.no_grad():
+            w.copy_(snap)
+    torch.testing.assert_close(m.encode([text])[text][0], before)
+
+
 def test_refusals(mmdit):
     from concept_edit.adapters.base import PromptTooLongError
 
