@@ -373,7 +373,7 @@ def _model_warning(arch: str = "unet") -> list[str]:
     para = ev.get("head_holdout_templates", {}).get("top1")
     if acc is None or acc >= 0.8:
         return ["", f"Unedited model: {acc:.0%} (training templates) / {para:.0%} (held-out paraphrases) of generations "
-                "show the prompted object (`testbed/assets/testbed.json`).", ""] if acc is not None else []
+                f"show the prompted object (`testbed/assets/{meta.name}`).", ""] if acc is not None else []
     return ["", f"**Warning: the bundled model is undertrained: only {acc:.0%} of its unedited generations show the "
             "prompted object (bar: 80%), so p_M is near zero and these numbers do NOT measure edit quality yet. "
             "They show the benchmark runs end to end. Re-run after training longer (testbed/README.md).**", ""]
