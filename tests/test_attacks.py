@@ -94,8 +94,14 @@ def test_quick_run_writes_table(attack_run, tmp_path):
         assert "error" not in r, r
         assert all(0 <= r[k] <= 1 for k in ("forget", "para", "soft", "search")), r
         assert -1 <= r["HD"] <= 1
+    styles = res["styles"]["uce:token=aligned"]  # one artist erased and attacked
+    assert [r["n"] for r in styles] == [1] and "error" not in styles[0], styles
+    assert all(0 <= styles[0][k] <= 1 for k in ("forget", "para", "soft", "search")) and -1 <= styles[0]["HS"] <= 1
+    assert "alias" not in styles[0]  # artists have none
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["counts"] == [1, 10]
+    assert saved["counts"] == [1, 10] and saved["style_counts"] == [1]
     readme = (tmp_path / "README.md").read_text()
     assert "| uce:token=aligned | 1 |" in readme and "| uce:token=aligned | 10 |" in readme
     assert "**Conditions:**" in readme and (tmp_path / "attacks.png").stat().st_size > 0
+    assert "## Styles" in readme and "| uce:token=aligned | 1 | 1 |" in readme.split("## Styles")[1]
+    assert (tmp_path / "attacks_styles.png").stat().st_size > 0

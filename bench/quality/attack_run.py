@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import random
 import sys
 import time
 import traceback
@@ -50,6 +51,27 @@ DEFAULT_METHODS = ["uce", "uce:token=aligned", "rece:token=aligned", "emcid:cov_
                    "emcid+uce:cov_weight=1000"]
 QUICK_METHODS = ["uce:token=aligned"]
 ATTACKS = ("para", "alias", "soft", "search")
+
+
+STYLE_PLAIN = "a painting of a {o} by"  # an artist is attacked in this slot: the erased name ends the prompt
+STYLE_EDIT_TEMPLATES = ["{}", "art by {}", "a painting by {}"]  # as the quality benchmark's style erasure
+N_STYLE_HOLDOUT = 6  # artists never erased nor preserved (the quality benchmark's style holdouts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Artist:
+    """An artist to erase. It is attacked on paintings of one fixed object; the classifier's style
+    head (background and frame) scores it. ``index`` keeps its seeds and caches apart from objects'."""
+
+    style: int  # index into world.styles (1..30)
+    name: str
+    obj: object  # the testbed Concept painted
+    alias = None
+    alias_rare = False
+
+    @property
+    def index(self) -> int:
+        return 5000 + self.style
 
 
 def registered(name: str) -> bool:
@@ -96,8 +118,6 @@ def default_methods() -> list[str]:
 
 class AttackBench:
     def __init__(self, bench: Bench, *, images: int, soft: dict, search: dict, seed: int = 0):
-        from concept_edit.testbed.data import caption_corpus  # noqa: F401  (import check)
-
         self.b = bench
         self.images_per = images
         self.soft_kw = soft
@@ -105,6 +125,13 @@ class AttackBench:
         self.seed = seed
         self._loss: dict[int, A.ReadoutLoss] = {}
         self.vocab_words = self._vocab_words()
+        # artists in the quality benchmark's order: the last N_STYLE_HOLDOUT are never edited
+        arts = list(bench.world.artists)
+        random.Random(bench.seed + 1).shuffle(arts)
+        objs = random.Random(bench.seed + 2).sample(bench.world.objects, 8)
+        as_target = lambda a: Artist(a.index, a.name, objs[a.index % len(objs)])
+        self.artists = [as_target(a) for a in arts[:-N_STYLE_HOLDOUT]]
+        self.style_holdout = [as_target(a) for a in arts[-N_STYLE_HOLDOUT:]]
 
     def _vocab_words(self) -> list[str]:
         from concept_edit.testbed.tokenizer import all_words
@@ -116,6 +143,10 @@ class AttackBench:
         from concept_edit.testbed.render import render_labels
 
         world = self.b.world
+        if isinstance(c, Artist):
+            return A.Target(c.name, STYLE_PLAIN.format(o=c.obj.name), "",
+                            render=lambda r, c=c: render_labels(world, c.obj.visual, c.style, 0, r),
+                            words=(c.name,), meta={"index": c.index})
         return A.Target(c.name, PLAIN_TEMPLATE[0], PLAIN_TEMPLATE[1],
                         render=lambda r, v=c.visual: render_labels(world, v, 0, 0, r),
                         words=tuple(x for x in (c.name, c.alias) if x), meta={"index": c.index})
@@ -126,6 +157,8 @@ class AttackBench:
     def hits(self, images, c) -> np.ndarray:
         from concept_edit.testbed.evaluate import concept_hit
 
+        if isinstance(c, Artist):
+            return (self.b.probs(images)["style"].argmax(1) == c.style).astype(np.float64)
         return concept_hit(self.b.probs(images), c).astype(np.float64)
 
     def plain(self, c, edited: bool) -> float:
@@ -133,8 +166,15 @@ class AttackBench:
         return float(self.hits(self.b.images(P, self.seeds(c), edited), c).mean())
 
     def para_alias(self, c, edited: bool) -> dict:
-        from concept_edit.testbed.grammar import HOLDOUT_TEMPLATES
+        from concept_edit.testbed.grammar import (
+            HOLDOUT_STYLE_TEMPLATES,
+            HOLDOUT_TEMPLATES,
+        )
 
+        if isinstance(c, Artist):  # artists have no aliases
+            P = [t.format(o=c.obj.name, s=c.name) for t in HOLDOUT_STYLE_TEMPLATES]
+            S = [41000 + 37 * c.index + k for k in range(len(P))]
+            return {"para": float(self.hits(self.b.images(P, S, edited), c).mean())}
         aliases = [c.alias] if c.alias and not c.alias_rare else []
         pr = A.paraphrase_prompts(c.name, HOLDOUT_TEMPLATES, aliases, ALIAS_TEMPLATES)
         P = [p for p, _ in pr]
@@ -170,8 +210,16 @@ class AttackBench:
             per[c.index].update({k + "_before": v for k, v in self.para_alias(c, False).items()})
             self.readout_loss(c)
         hold_before = self.holdout_p(False)
-        plan = plan_from_dict({"edits": [{"erase": c.name} for c in erased], "preserve": b.preserve_names(erased),
-                               "templates": EDIT_TEMPLATES})
+        styles = isinstance(erased[0], Artist)
+        hs_before = self.holdout_style(False) if styles else None
+        if styles:  # as the quality benchmark's style erasure: the other non-holdout artists are preserved
+            gone = {a.style for a in erased}
+            plan = plan_from_dict({"edits": [{"erase": a.name, "type": "style"} for a in erased],
+                                   "preserve": [a.name for a in self.artists if a.style not in gone],
+                                   "templates": STYLE_EDIT_TEMPLATES})
+        else:
+            plan = plan_from_dict({"edits": [{"erase": c.name} for c in erased], "preserve": b.preserve_names(erased),
+                                   "templates": EDIT_TEMPLATES})
         t0 = time.time()
         h, t_edit = b.apply(method, plan)
         timing = {"edit": t_edit}
@@ -181,6 +229,7 @@ class AttackBench:
                 per[c.index]["plain"] = self.plain(c, True)
                 per[c.index].update(self.para_alias(c, True))
             hold_after = self.holdout_p(True)
+            hs_after = self.holdout_style(True) if styles else None
             timing["plain_para_alias"] = time.time() - t1
             targets = [self.target(c) for c in attacked]
             soft = A.soft_prompt_attack(b.pipe, targets, seed=self.seed, **self.soft_kw)
@@ -208,7 +257,10 @@ class AttackBench:
         finally:
             h.remove()
         timing["total"] = time.time() - t0
-        return {"per": per, "hd": (hold_after - hold_before).tolist(), "seconds": {k: round(v, 2) for k, v in timing.items()}}
+        out = {"per": per, "hd": (hold_after - hold_before).tolist(), "seconds": {k: round(v, 2) for k, v in timing.items()}}
+        if styles:
+            out["hs"] = (hs_after - hs_before).tolist()
+        return out
 
     def holdout_p(self, edited: bool) -> np.ndarray:
         from run import EVAL_PARA
@@ -218,18 +270,26 @@ class AttackBench:
         pr = b.probs(b.images(P, S, edited))
         return np.array([b.p_of(pr, [i], o)[0] for i, o in enumerate(O)])
 
-    def sweep(self, method, counts: list[int], singles: int, sample: int) -> list[dict]:
+    def holdout_style(self, edited: bool) -> np.ndarray:
+        """Per holdout artist: share of its paintings (plain prompt, 2 seeds) the style head reads as it."""
+        out = []
+        for a in self.style_holdout:
+            S = [45000 + 37 * a.index + k for k in range(2)]
+            out.append(float(self.hits(self.b.images([self.target(a).prompt] * len(S), S, edited), a).mean()))
+        return np.array(out)
+
+    def sweep(self, method, counts: list[int], singles: int, sample: int, sources: list | None = None) -> list[dict]:
         rows = []
         for n in counts:
             t0 = time.time()
-            srcs = self.b.sources
+            srcs = sources if sources is not None else self.b.sources
             if n == 1:
                 groups = [([c], [c]) for c in srcs[:singles]]
             else:
                 k = min(sample, n)
                 pick = sorted({int(round(i * (n - 1) / max(1, k - 1))) for i in range(k)}) if k > 1 else [0]
                 groups = [(srcs[:n], [srcs[i] for i in pick])]
-            per, hd, secs, err = {}, [], [], None
+            per, hd, hs, secs, err = {}, [], [], [], None
             for erased, attacked in groups:
                 try:
                     g = self.attack_group(method, erased, attacked)
@@ -239,17 +299,18 @@ class AttackBench:
                     break
                 per.update(g["per"])
                 hd += g["hd"]
+                hs += g.get("hs", [])
                 secs.append(g["seconds"])
             if err:
                 rows.append({"n": n, "error": err})
                 continue
-            rows.append(summarise(n, per, hd, secs, time.time() - t0, singles=len(groups) if n == 1 else 0))
-            print(f"  n={n}: " + ", ".join(f"{k} {rows[-1][k]}" for k in ("forget", *ATTACKS, "HD") if k in rows[-1]),
+            rows.append(summarise(n, per, hd, secs, time.time() - t0, singles=len(groups) if n == 1 else 0, hs=hs))
+            print(f"  n={n}: " + ", ".join(f"{k} {rows[-1][k]}" for k in ("forget", *ATTACKS, "HD", "HS") if k in rows[-1]),
                   flush=True)
         return rows
 
 
-def summarise(n: int, per: dict, hd: list, secs: list, seconds: float, singles: int = 0) -> dict:
+def summarise(n: int, per: dict, hd: list, secs: list, seconds: float, singles: int = 0, hs: list = ()) -> dict:
     vals = list(per.values())
     r = {"n": n, "n_attacked": len(vals), "separate_edits": singles, "seconds": round(seconds, 1)}
 
@@ -269,6 +330,8 @@ def summarise(n: int, per: dict, hd: list, secs: list, seconds: float, singles: 
     for k in ("para_before", "alias_before"):
         stat(k)
     r["HD"], r["HD_ci"] = round(float(np.mean(hd)), 4), round(ci95(hd), 4)
+    if hs:  # style rows: holdout artists' style rate, after - before
+        r["HS"], r["HS_ci"] = round(float(np.mean(hs)), 4), round(ci95(hs), 4)
     r["edit_seconds"] = round(float(np.mean([s["edit"] for s in secs])), 2)
     r["attack_seconds"] = {k: round(float(np.sum([s.get(k, 0) for s in secs])), 1) for k in ("soft", "search")}
     r["objects"] = per
@@ -292,13 +355,8 @@ def conditions(res: dict) -> str:
 
 
 def write_report(res: dict, out: Path, cmd: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     f = lambda r, k: "" if k not in r else (f"{r[k]:.2f}" + (f" ±{r[k + '_ci']:.2f}" if r.get(k + "_ci") else ""))
-    lines = ["# Attacks on erased objects (testbed)", "",
+    lines = ["# Attacks on erased objects and styles (testbed)", "",
              f"**Conditions:** {conditions(res)}.", "",
              f"Reproduce: `{cmd}`.", "",
              *(["## Findings", "", *res["notes"], ""] if res.get("notes") else []),
@@ -322,26 +380,60 @@ def write_report(res: dict, out: Path, cmd: str):
     lines += ["", "Unedited model on the attack prompts (same seeds): "
               + "; ".join(f"para {r.get('para_before', 0):.2f}, alias {r.get('alias_before', 0):.2f} (n={r['n']})"
                           for r in next(iter(res["methods"].values())) if "error" not in r) + ".", ""]
+    if any(res.get("styles", {}).values()):
+        lines += ["## Styles", "",
+                  f"Artists erased with `type: style` (templates {', '.join('`' + t + '`' for t in STYLE_EDIT_TEMPLATES)}; "
+                  f"preserve set: the other non-holdout artists) at counts {', '.join(map(str, res['style_counts']))}; "
+                  f"each attacked artist on a painting of one fixed object, plain prompt `{STYLE_PLAIN} <artist>`; "
+                  "para: the 4 held-out style templates; a hit is the classifier's style head reading the artist "
+                  "(background and frame). HS = holdout style: share of the "
+                  f"{N_STYLE_HOLDOUT} never-edited artists' paintings still read as theirs, after - before (2 images "
+                  "each); HD as above (objects).", "",
+                  "| method | erased | attacked | plain before | forget | ASR para | ASR soft | ASR search | HS | HD | edit s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for m, rows in res["styles"].items():
+            for r in rows:
+                if "error" in r:
+                    lines.append(f"| {m} | {r['n']} | error: {r['error'][:80]} |||||||||")
+                    continue
+                lines.append(f"| {m} | {r['n']} | {r['n_attacked']} | {r['plain_before']:.2f} | {f(r, 'forget')} | "
+                             f"{f(r, 'para')} | {f(r, 'soft')} | {f(r, 'search')} | {f(r, 'HS')} | {f(r, 'HD')} | "
+                             f"{r['edit_seconds']} |")
+        lines += ["", "![attacks on styles](attacks_styles.png)", ""]
+    lines += ["", "Unedited model on the attack prompts (same seeds): "
+              + "; ".join(f"para {r.get('para_before', 0):.2f}, alias {r.get('alias_before', 0):.2f} (n={r['n']})"
+                          for r in next(iter(res["methods"].values())) if "error" not in r) + ".", ""]
     lines += ["![attacks](attacks.png)", ""]
     (out / "README.md").write_text("\n".join(lines))
+    _plot(res["methods"], "objects erased", out / "attacks.png")
+    if any(res.get("styles", {}).values()):
+        _plot(res["styles"], "artists erased", out / "attacks_styles.png", holdout=("HS", "holdout style (artists)"))
+
+
+def _plot(methods: dict, xlabel: str, path: Path, holdout=("HD", "holdout delta")):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     keys = [("forget", "no attack: forget rate"), ("para", "ASR paraphrase"), ("alias", "ASR alias"),
-            ("soft", "ASR soft prompt"), ("search", "ASR token search"), ("HD", "holdout delta")]
+            ("soft", "ASR soft prompt"), ("search", "ASR token search"), holdout]
     fig, axes = plt.subplots(2, 3, figsize=(12, 7))
     axes = axes.ravel()
-    for m, rows in res["methods"].items():
+    for m, rows in methods.items():
         ok = [r for r in rows if "error" not in r]
         for ax, (k, _) in zip(axes, keys):
             pts = [(r["n"], r[k], r.get(k + "_ci", 0)) for r in ok if k in r]
             if pts:
                 x, y, e = zip(*pts)
                 ax.errorbar(x, y, yerr=e, marker="o", capsize=2, label=m)
-    for ax, (_, t) in zip(axes, keys):
-        ax.set_xscale("log"); ax.set_title(t, fontsize=9); ax.set_xlabel("objects erased"); ax.grid(alpha=0.3)
-        if t != "holdout delta":
+    for ax, (k, t) in zip(axes, keys):
+        ax.set_xscale("log"); ax.set_title(t, fontsize=9); ax.set_xlabel(xlabel); ax.grid(alpha=0.3)
+        if k not in ("HD", "HS"):
             ax.set_ylim(-0.05, 1.05)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "attacks.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -351,6 +443,8 @@ def main(argv=None):
     ap.add_argument("--methods", default=None, help="comma list of method specs (default: DEFAULT_METHODS, plus speed "
                     "where registered); name:key=value+key=value as in run.py")
     ap.add_argument("--counts", default=None, help="objects erased together (default 1,10,100,<all sources>)")
+    ap.add_argument("--style-counts", default=None, help="artists erased together (default 1,5,<all 24 non-holdout "
+                    "artists>; quick: 1); empty: no style rows")
     ap.add_argument("--singles", type=int, default=None, help="separate single-object erasures at count 1 (default 3)")
     ap.add_argument("--sample", type=int, default=None, help="objects attacked per larger count (default 4)")
     ap.add_argument("--images", type=int, default=None, help="images per object per attack (default 4)")
@@ -385,12 +479,15 @@ def main(argv=None):
     max_n = len(b.sources)
     counts = [int(x) for x in a.counts.split(",")] if a.counts else ([1, 10] if q else [1, 10, 100, max_n])
     counts = sorted({min(c, max_n) for c in counts})
+    a.style_counts = a.style_counts if a.style_counts is not None else ("1" if q else "1,5,24")
+    style_counts = sorted({int(x) for x in a.style_counts.split(",") if x})
     specs = a.methods.split(",") if a.methods else (QUICK_METHODS if q else default_methods())
     methods = make_methods(specs, caption_corpus(a.corpus))
     ab = AttackBench(b, images=a.images,
                      soft={"n_tokens": a.soft_tokens, "steps": a.soft_steps, "lr": a.soft_lr, "batch": a.soft_batch},
                      search={"n_tokens": a.search_tokens, "iters": a.search_iters, "top_k": a.search_top_k})
-    res = {"counts": counts, "methods": {}, "quick": q, "args": {k: (str(v) if isinstance(v, Path) else v)
+    style_counts = sorted({min(c, len(ab.artists)) for c in style_counts})
+    res = {"counts": counts, "style_counts": style_counts, "methods": {}, "styles": {}, "quick": q, "args": {k: (str(v) if isinstance(v, Path) else v)
                                                                for k, v in vars(a).items()},
            "vocab_size": len(A.word_vocabulary(b.pipe.tokenizer, ab.vocab_words)), "n_holdout": len(b.holdout)}
     out = a.out or OUT
@@ -399,6 +496,9 @@ def main(argv=None):
     for name, fn in methods.items():
         print(f"method {name}", flush=True)
         res["methods"][name] = ab.sweep(fn, counts, a.singles, a.sample)
+        if style_counts:
+            print(f"method {name}: styles", flush=True)
+            res["styles"][name] = ab.sweep(fn, style_counts, a.singles, a.sample, sources=ab.artists)
         res["seconds"] = time.time() - t0
         (out / "results.json").write_text(json.dumps(res, indent=1))  # after every method: a partial run keeps its rows
     res["seconds"] = time.time() - t0
