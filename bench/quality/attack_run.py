@@ -380,6 +380,7 @@ def write_report(res: dict, out: Path, cmd: str):
     lines += ["", "Unedited model on the attack prompts (same seeds): "
               + "; ".join(f"para {r.get('para_before', 0):.2f}, alias {r.get('alias_before', 0):.2f} (n={r['n']})"
                           for r in next(iter(res["methods"].values())) if "error" not in r) + ".", ""]
+    lines += ["![attacks](attacks.png)", ""]
     if any(res.get("styles", {}).values()):
         lines += ["## Styles", "",
                   f"Artists erased with `type: style` (templates {', '.join('`' + t + '`' for t in STYLE_EDIT_TEMPLATES)}; "
@@ -400,10 +401,6 @@ def write_report(res: dict, out: Path, cmd: str):
                              f"{f(r, 'para')} | {f(r, 'soft')} | {f(r, 'search')} | {f(r, 'HS')} | {f(r, 'HD')} | "
                              f"{r['edit_seconds']} |")
         lines += ["", "![attacks on styles](attacks_styles.png)", ""]
-    lines += ["", "Unedited model on the attack prompts (same seeds): "
-              + "; ".join(f"para {r.get('para_before', 0):.2f}, alias {r.get('alias_before', 0):.2f} (n={r['n']})"
-                          for r in next(iter(res["methods"].values())) if "error" not in r) + ".", ""]
-    lines += ["![attacks](attacks.png)", ""]
     (out / "README.md").write_text("\n".join(lines))
     _plot(res["methods"], "objects erased", out / "attacks.png")
     if any(res.get("styles", {}).values()):
