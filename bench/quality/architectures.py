@@ -1,12 +1,15 @@
-"""UCE on both testbeds side by side: the SD-shaped UNet model (cross-attention to_k/to_v) and the
-FLUX-shaped model (context embedder + pooled-text embedder), same world, edits, seeds and classifier.
+"""Every method on both testbeds side by side: the SD-shaped UNet model and the FLUX-shaped model,
+same world, edits, seeds and classifier. UCE edits the text readers (UNet cross-attention to_k/to_v;
+FLUX context embedder + pooled-text embedder); EMCID and null-space edit the text encoder's MLP
+(CLIP fc2 on the UNet model, T5 wo on FLUX).
 
     python bench/quality/architectures.py --threads 2      # runs both, writes bench/quality/architectures/
 
-Three runs of ``run.py`` (each kept in its own folder with its own README): UCE with its defaults on
-the UNet model and on the FLUX model (every task), and on the FLUX model the key-token and
-text-reader variants (erase at 10 and 100 edits). This script then writes the
-side-by-side table and plot. ``--report-only`` rebuilds them from the saved results.
+Runs of ``run.py`` (each kept in its own folder with its own README, ``RUNS``): UCE with its defaults
+on the UNet model and on the FLUX model (every task), on the FLUX model the key-token and
+text-reader variants (erase at 10 and 100 edits), and EMCID and null-space on both. This script then
+writes the side-by-side table and plot (``notes.md`` in the output folder becomes its Findings
+section). ``--report-only`` rebuilds them from the saved results.
 """
 from __future__ import annotations
 
@@ -28,6 +31,11 @@ RUNS = {  # folder: run.py arguments
     "flux_debias": ["--arch", "flux", "--methods", "uce", "--tasks", "debias"],
     "flux_variants": ["--arch", "flux", "--tasks", "erase", "--counts", "10,100",
                       "--methods", "uce:token=aligned,uce:token=all,uce:readers=context,uce:readers=pooled"],
+    # the text-encoder editors (EMCID, null-space): CLIP fc2 on the UNet model, T5 wo on FLUX
+    "unet_te": ["--arch", "unet", "--methods", "emcid,nullspace", "--counts", COUNTS,
+                "--tasks", "replace,erase,style,rectify"],
+    "flux_te": ["--arch", "flux", "--methods", "emcid-t5,nullspace-t5", "--counts", COUNTS,
+                "--tasks", "replace,erase,style,rectify"],
 }
 
 
@@ -53,6 +61,14 @@ def _v(r: dict | None, k: str) -> str:
     return f"{r[k]:+.2f}" + (f" ±{ci:.2f}" if ci is not None else "")
 
 
+# method label -> (run folder, method name) on the UNet testbed and on the FLUX testbed
+PAIRS = {
+    "UCE": (("unet", "uce"), ("flux", "uce")),
+    "EMCID": (("unet_te", "emcid"), ("flux_te", "emcid-t5")),
+    "null-space": (("unet_te", "nullspace"), ("flux_te", "nullspace-t5")),
+}
+
+
 def report(cmd: str) -> None:
     import matplotlib
 
@@ -60,82 +76,101 @@ def report(cmd: str) -> None:
     import matplotlib.pyplot as plt
 
     res = {k: json.loads((OUT / k / "results.json").read_text()) for k in RUNS if (OUT / k / "results.json").exists()}
-    u, f = res.get("unet", {}), res.get("flux", {})
     meta = {k: json.loads((HERE.parents[1] / "testbed" / "assets" / m).read_text())
             for k, m in (("unet", "testbed.json"), ("flux", "flux_testbed.json"))
             if (HERE.parents[1] / "testbed" / "assets" / m).exists()}
     acc = {k: m["evaluation"]["head_train_templates"]["top1"] for k, m in meta.items()}
-    lines = ["# UCE on the UNet and the FLUX testbed", "",
-             f"Reproduce: `{cmd}` ({sum(r.get('seconds', 0) for r in res.values()) / 60:.0f} min on 2 CPU cores).", "",
-             "Conditions: UCE with its defaults (lambda 0.5, last subject token, preserve set of 100 unedited objects, "
-             "templates `{}`, `a photo of a {}`, `a painting of a {}`); the same edits, evaluation prompts, seeds and "
-             f"classifier on both models. {N_EVAL} evaluated sources and {N_EVAL} holdout objects (never edited or "
-             "preserved), one image each; ± is a 95% confidence interval over concepts. SF/S2D/HD on a held-out "
-             "paraphrase template (`the image of the {}`); style rates on 6 holdout artists. "
-             + (f"Unedited top-1: UNet {acc.get('unet', 0):.0%}, FLUX {acc.get('flux', 0):.0%} (training templates)."
-                if acc else ""), "",
-             "UNet: cross-attention `to_k`/`to_v` of 7 blocks. FLUX: `context_embedder` (T5 token states) and "
-             "`time_text_embed.text_embedder.linear_1` (pooled CLIP vector).", "",
-             "## Replace and erase", "",
-             "| task | edits | SF para UNet | SF para FLUX | S2D para UNet | S2D para FLUX | HD UNet | HD FLUX |",
-             "|---|---|---|---|---|---|---|---|"]
-    for task in ("replace", "erase"):
-        ru, rf = _rows(u, task), _rows(f, task)
-        for n in sorted(set(ru) | set(rf)):
-            a, b = ru.get(n), rf.get(n)
-            lines.append(f"| {task} | {n} | {_v(a, 'SF_para')} | {_v(b, 'SF_para')} | {_v(a, 'S2D_para')} | "
-                         f"{_v(b, 'S2D_para')} | {_v(a, 'HD')} | {_v(b, 'HD')} |")
+    side = lambda run, task, m: res.get(run, {}).get(task, {}).get(m)  # noqa: E731
+    lines = ["# Every method on the UNet and the FLUX testbed", "",
+             f"Reproduce: `{cmd}` ({sum(r.get('seconds', 0) for r in res.values()) / 60:.0f} min on 2 CPU cores, "
+             "the machine otherwise idle).", "",
+             "Conditions: the same edits, evaluation prompts, seeds and classifier on both models; preserve set of 100 "
+             "unedited objects; edit templates `{}`, `a photo of a {}`, `a painting of a {}`. "
+             f"{N_EVAL} evaluated sources and {N_EVAL} holdout objects (never edited or preserved), one image each; "
+             "± is a 95% confidence interval over concepts. SF/S2D/HD on a held-out paraphrase template "
+             "(`the image of the {}`); style rates on 6 holdout artists. "
+             + (f"Unedited top-1: UNet {acc.get('unet', 0):.0%}, FLUX {acc.get('flux', 0):.0%} (training templates). "
+                if acc else "")
+             + "This is `run.py`'s protocol (holdouts' captions are in the C0 corpus); protocol 2 (`protocol2/`) is "
+             "the stricter one for the text-encoder methods, on the UNet model.", "",
+             "Methods, each with its defaults: **UCE** (lambda 0.5, last subject token) edits the readers of text: "
+             "on the UNet cross-attention `to_k`/`to_v` of 7 blocks, on FLUX `context_embedder` (T5 token states) and "
+             "`time_text_embed.text_embedder.linear_1` (pooled CLIP vector). **EMCID** (stage II, destination-state "
+             "targets, alpha 0.5, C0 weight 10,000) and **null-space** (AlphaEdit-style projector from the corpus and "
+             "the preserve set, threshold 2e-2, destination-state targets) edit the text encoder's MLP: on the UNet "
+             "model CLIP `mlp.fc2` of layers 0-2, on FLUX the T5 encoder's `DenseReluDense.wo` of blocks 0-2 (presets "
+             "`emcid-t5`, `nullspace-t5`); C0 from 50,000 testbed captions, captions naming an edited concept left "
+             "out. Debiasing is UCE's.", ""]
+    lines += ["## Replace and erase", "",
+              "| method | task | edits | SF para UNet | SF para FLUX | S2D para UNet | S2D para FLUX | HD UNet | HD FLUX | "
+              "edit s UNet | edit s FLUX |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, ((ru_, mu), (rf_, mf)) in PAIRS.items():
+        for task in ("replace", "erase"):
+            ru, rf = _rows(res.get(ru_, {}), task, mu), _rows(res.get(rf_, {}), task, mf)
+            for n in sorted(set(ru) | set(rf)):
+                a, b = ru.get(n), rf.get(n)
+                es = lambda r: "" if r is None else str(r.get("edit_seconds", ""))  # noqa: E731
+                lines.append(f"| {label} | {task} | {n} | {_v(a, 'SF_para')} | {_v(b, 'SF_para')} | "
+                             f"{_v(a, 'S2D_para') if task == 'replace' else ''} | "
+                             f"{_v(b, 'S2D_para') if task == 'replace' else ''} | {_v(a, 'HD')} | {_v(b, 'HD')} | "
+                             f"{es(a)} | {es(b)} |")
     lines += ["", "## Styles, rectification, debiasing", "",
-              "| task | n | UNet | FLUX |", "|---|---|---|---|"]
-    su = {r["n"]: r for r in u.get("style", {}).get("uce", []) if "error" not in r}
-    sf = {r["n"]: r for r in f.get("style", {}).get("uce", []) if "error" not in r}
-    for n in sorted(set(su) | set(sf)):
-        g = lambda r: "" if r is None else (f"erased {r['erasure_rate']:.2f} (drawn before {r['style_rate_before']:.2f}); "  # noqa: E731
-                                            f"holdout {r['holdout_style_before']:.2f} -> {r['holdout_style_after']:.2f}")
-        lines.append(f"| style erasure | {n} artists | {g(su.get(n))} | {g(sf.get(n))} |")
-    for name, r in (("rectification S2D (20 rare aliases)", "rectify"),):
-        a, b = u.get(r, {}).get("uce", {}), f.get(r, {}).get("uce", {})
-        h = lambda x: "" if not x or "error" in x else f"{x['S2D']:+.2f} (p {x['p_before']:.2f} -> {x['p_after']:.2f}), HD {x['HD']:+.2f}"  # noqa: E731
-        lines.append(f"| {name} | {a.get('n', '')} | {h(a)} | {h(b)} |")
-    du, df = u.get("debias"), f.get("debias") or res.get("flux_debias", {}).get("debias")
+              "| method | task | n | UNet | FLUX |", "|---|---|---|---|---|"]
+    g = lambda r: "" if r is None else (f"style drawn {r['style_rate_before']:.2f} -> {1 - r['erasure_rate']:.2f}; "  # noqa: E731
+                                        f"holdout artists {r['holdout_style_before']:.2f} -> {r['holdout_style_after']:.2f}")
+    h = lambda x: "" if not x or "error" in x else f"{x['S2D']:+.2f} (p {x['p_before']:.2f} -> {x['p_after']:.2f}), HD {x['HD']:+.2f}"  # noqa: E731
+    for label, ((ru_, mu), (rf_, mf)) in PAIRS.items():
+        su = {r["n"]: r for r in side(ru_, "style", mu) or [] if "error" not in r}
+        sf = {r["n"]: r for r in side(rf_, "style", mf) or [] if "error" not in r}
+        for n in sorted(set(su) | set(sf)):
+            lines.append(f"| {label} | style erasure | {n} artists | {g(su.get(n))} | {g(sf.get(n))} |")
+        a, b = side(ru_, "rectify", mu) or {}, side(rf_, "rectify", mf) or {}
+        if a or b:
+            lines.append(f"| {label} | rectification S2D (20 rare aliases) | 20 | {h(a)} | {h(b)} |")
+    du = res.get("unet", {}).get("debias")
+    df = res.get("flux", {}).get("debias") or res.get("flux_debias", {}).get("debias")
     d = lambda x: "" if not x else f"dp {x['dp_before']:.2f} -> {x['dp_after']:.2f}"  # noqa: E731
-    lines.append(f"| debias (10 professions, 50/50 crowned) | 10 | {d(du)} | {d(df)} |")
+    lines.append(f"| UCE | debias (10 professions, 50/50 crowned) | 10 | {d(du)} | {d(df)} |")
     v = res.get("flux_variants", {})
     if v:
+        f = res.get("flux", {})
         lines += ["", "## FLUX: which keys, which readers (UCE otherwise at its defaults)", "",
                   "T5 is bidirectional: every token's state depends on the subject. `last`: the last subject token "
                   "(default); `aligned`: UCE's original choice, every row from the subject token through the padding, "
                   "source and destination aligned; `all`: aligned plus the template's tokens before the subject. "
                   "`readers=context`/`pooled`: only one of the two text readers is edited.", "",
-                  "| variant | task | edits | SF para | S2D para | HD | edit s |", "|---|---|---|---|---|---|---|"]
+                  "| variant | task | edits | SF para | HD | edit s |", "|---|---|---|---|---|---|"]
         variants = [("uce (last, both readers)", f, "uce")] + [(m, v, m) for m in v.get("erase", {})]
         for label, src, m in variants:
-            for task in ("erase",):
-                for n, r in sorted(_rows(src, task, m).items()):
-                    if n in (10, 100):
-                        lines.append(f"| {label} | {task} | {n} | {_v(r, 'SF_para')} | {_v(r, 'S2D_para')} | "
-                                     f"{_v(r, 'HD')} | {r['edit_seconds']} |")
+            for n, r in sorted(_rows(src, "erase", m).items()):
+                if n in (10, 100):
+                    lines.append(f"| {label} | erase | {n} | {_v(r, 'SF_para')} | {_v(r, 'HD')} | {r['edit_seconds']} |")
     lines += ["", "![UNet vs FLUX](architectures.png)", ""]
+    notes = OUT / "notes.md"
+    if notes.exists():
+        lines += ["## Findings (by hand)", "", notes.read_text()]
     (OUT / "README.md").write_text("\n".join(lines))
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for arch, r, style in (("UNet", u, "-"), ("FLUX", f, "--")):
-        for task, colour in (("replace", "C0"), ("erase", "C1")):
-            rows = _rows(r, task)
-            if not rows:
-                continue
-            x = sorted(rows)
-            for ax, k in zip(axes, ("SF_para", "S2D_para", "HD")):
-                y = [rows[n].get(k) for n in x]
-                if all(val is not None for val in y):
-                    e = [rows[n].get(k + "_ci") or 0 for n in x]
-                    ax.errorbar(x, y, yerr=e, ls=style, color=colour, marker="o", capsize=3, label=f"{arch} {task}")
-    for ax, t in zip(axes, ["Source Forget (paraphrase)", "Source2Dest (paraphrase)", "Holdout Delta"]):
-        ax.set_xscale("log"); ax.set_title(t); ax.set_xlabel("simultaneous edits"); ax.grid(alpha=0.3)
-    axes[2].legend(fontsize=8)
-    fig.suptitle("UCE: UNet testbed (solid) vs FLUX testbed (dashed), 95% CIs", fontsize=10)
+    fig, axes = plt.subplots(len(PAIRS), 3, figsize=(13, 3.3 * len(PAIRS)), squeeze=False)
+    for row, (label, sides) in zip(axes, PAIRS.items()):
+        for arch, (run, m), style in zip(("UNet", "FLUX"), sides, ("-", "--")):
+            for task, colour in (("replace", "C0"), ("erase", "C1")):
+                rows = _rows(res.get(run, {}), task, m)
+                x = sorted(rows)
+                for ax, k in zip(row, ("SF_para", "S2D_para", "HD")):
+                    y = [rows[n].get(k) for n in x]
+                    if x and all(val is not None for val in y) and not (task == "erase" and k == "S2D_para"):
+                        e = [rows[n].get(k + "_ci") or 0 for n in x]
+                        ax.errorbar(x, y, yerr=e, ls=style, color=colour, marker="o", capsize=3, label=f"{arch} {task}")
+        for ax, t in zip(row, ["Source Forget (paraphrase)", "Source2Dest (paraphrase)", "Holdout Delta"]):
+            ax.set_xscale("log"); ax.set_title(f"{label}: {t}", fontsize=9); ax.set_xlabel("simultaneous edits")
+            ax.grid(alpha=0.3)
+        if row[2].get_legend_handles_labels()[0]:
+            row[2].legend(fontsize=7)
+    fig.suptitle("UNet testbed (solid) vs FLUX testbed (dashed), 95% CIs", fontsize=10)
     fig.tight_layout()
-    fig.savefig(OUT / "architectures.png", dpi=110)
+    fig.savefig(OUT / "architectures.png", dpi=100)
+    plt.close(fig)
     print(f"wrote {OUT / 'README.md'}")
 
 
