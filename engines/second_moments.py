@@ -71,8 +71,30 @@ DEFAULT_CAPTIONS = [
 ]
 
 
+DEFAULT_MAX_FILES = 4
+
+
 class CovarianceCacheError(ValueError):
     pass
+
+
+def file_limit(max_files: int | None = None) -> int:
+    """Full-corpus C0 files kept per cache folder (``$CONCEPT_EDIT_C0_FILES``, default 4)."""
+    if max_files is not None:
+        return max(1, int(max_files))
+    return max(1, int(os.environ.get("CONCEPT_EDIT_C0_FILES", DEFAULT_MAX_FILES)))
+
+
+def evict_full_files(root: Path, keep: Path, max_files: int | None = None) -> list[str]:
+    """Remove the least recently used full-corpus C0 files of ``root`` beyond the limit (``keep``,
+    the file just written, stays). Each is d x d float64 per layer (SD 1.5: ~0.9 GB, SDXL: several
+    GB), so an unbounded folder fills a disk; a removed file is recomputed when next needed."""
+    files = sorted((p.stat().st_mtime, p) for p in Path(root).glob("c0_*_f64.safetensors") if p != keep)
+    gone = []
+    for _, p in files[: max(0, len(files) - (file_limit(max_files) - 1))]:
+        p.unlink(missing_ok=True)
+        gone.append(p.name)
+    return gone
 
 
 def corpus_fingerprint(captions: list[str]) -> str:
@@ -276,11 +298,13 @@ def second_moments(
                 meta = dict(f.metadata() or {})
                 if meta.get("model_fingerprint") != mfp or meta.get("corpus_fingerprint") != cfp:
                     raise CovarianceCacheError(f"{path} does not match this model/corpus (fingerprint mismatch)")
-                for k in f.keys():
+                for k in set(names) & set(f.keys()):  # only the layers asked for (SDXL: 210 MB each)
                     cached[k] = f.get_tensor(k)
+            os.utime(path)  # recently used: kept by the file limit
     counts = json.loads(meta.get("n_samples", "{}"))
     n_truncated = int(meta.get("n_truncated", 0))
     missing = [n for n in names if n not in cached]
+    evicted: list[str] = []
     if missing:
         step = max(1, layers_per_pass)
         # one bar over the passes (each pass's batches fold into it), not one bar per pass
@@ -291,11 +315,16 @@ def second_moments(
             cached.update(new)
             counts.update(new_counts)
         if path is not None:
+            from safetensors import safe_open
             from safetensors.torch import save_file
 
-            with atomic_path(path, overwrite=True) as tmp:  # the cache file grows: replace it whole
+            keep = {}
+            if path.exists():  # the cache file grows: replace it whole, with the layers it already had
+                with safe_open(str(path), "pt") as f:
+                    keep = {k: f.get_tensor(k) for k in f.keys() if k not in cached}
+            with atomic_path(path, overwrite=True) as tmp:
                 save_file(
-                    {k: v.contiguous() for k, v in cached.items()},
+                    {k: v.contiguous() for k, v in {**keep, **cached}.items()},
                     str(tmp),
                     metadata={
                         "model_fingerprint": mfp,
@@ -307,6 +336,8 @@ def second_moments(
                         "n_truncated": str(n_truncated),
                     },
                 )
+            del keep
+            evicted = evict_full_files(path.parent, path)
     moments = {n: cached[n] for n in names}
     counts = {n: int(counts[n]) for n in names}
     mode = exclusion_mode(exclusion) if path is not None else "direct"
@@ -360,5 +391,6 @@ def second_moments(
         "n_captions": len(captions),
         "cache_file": str(path) if path else None,
         "computed": missing,
+        "evicted_files": evicted,
     }
     return moments, info

@@ -1,4 +1,7 @@
 """C0 statistics: correctness on a small caption list, on-disk cache with sample count and fingerprints."""
+import os
+import time
+
 import torch
 from safetensors import safe_open
 
@@ -31,6 +34,34 @@ def test_second_moment_matches_direct_computation_and_caches(tiny, tmp_path):
     # another corpus -> another file; padded positions -> 77 samples per caption
     _, info3 = cv.second_moments(model, [name], CAPS[:2], cache_dir=tmp_path, progress=False)
     assert info3["cache_file"] != info["cache_file"] and info3["n_samples"][name] == 2 * 77
+
+
+def test_cache_file_grows_by_layer_and_folder_keeps_the_recent_files(tiny, tmp_path, monkeypatch):
+    """A file gains layers without losing the ones it had; a folder keeps $CONCEPT_EDIT_C0_FILES
+    full-corpus files, least recently used removed (recomputed when needed again)."""
+    from concept_edit.adapters import text_encoder as te
+    from concept_edit.engines import second_moments as cv
+
+    _, model = tiny("sd1")
+    l0, l1 = te.fc2_name("text_encoder", 0), te.fc2_name("text_encoder", 1)
+    C0, info = cv.second_moments(model, [l0], CAPS, cache_dir=tmp_path, progress=False)
+    C1, info1 = cv.second_moments(model, [l1], CAPS, cache_dir=tmp_path, progress=False)
+    assert info1["cache_file"] == info["cache_file"] and info1["computed"] == [l1]
+    with safe_open(info["cache_file"], "pt") as f:
+        assert set(f.keys()) == {l0, l1}
+        torch.testing.assert_close(f.get_tensor(l0), C0[l0], rtol=0, atol=0)
+    monkeypatch.setenv("CONCEPT_EDIT_C0_FILES", "2")
+    files = [info["cache_file"]]
+    for k in (1, 2):  # other corpora -> other files; the oldest goes once there are more than 2
+        os.utime(files[-1], (time.time() - 100 + k, time.time() - 100 + k))  # distinct, ordered mtimes
+        _, i = cv.second_moments(model, [l0], CAPS[k:], cache_dir=tmp_path, progress=False)
+        files.append(i["cache_file"])
+    assert sorted(p.name for p in tmp_path.glob("c0_*_f64.safetensors")) == sorted(os.path.basename(f) for f in files[1:])
+    assert i["evicted_files"] == [os.path.basename(files[0])]
+    again, info4 = cv.second_moments(model, [l0, l1], CAPS, cache_dir=tmp_path, progress=False)  # recomputed, same
+    assert info4["computed"] == [l0, l1]
+    torch.testing.assert_close(again[l0], C0[l0])
+    torch.testing.assert_close(again[l1], C1[l1])
 
 
 def test_excluding_edited_concepts_equals_c0_of_the_other_captions(tiny, tmp_path):
