@@ -31,6 +31,8 @@ RUNS = {  # folder: run.py arguments
     "flux_debias": ["--arch", "flux", "--methods", "uce", "--tasks", "debias"],
     "flux_variants": ["--arch", "flux", "--tasks", "erase", "--counts", "10,100",
                       "--methods", "uce:token=aligned,uce:token=all,uce:readers=context,uce:readers=pooled"],
+    "flux_variants_replace": ["--arch", "flux", "--tasks", "replace", "--counts", "10,100",
+                              "--methods", "uce:token=aligned,uce:token=all,uce:readers=context,uce:readers=pooled"],
     # the text-encoder editors (EMCID, null-space): CLIP fc2 on the UNet model, T5 wo on FLUX
     "unet_te": ["--arch", "unet", "--methods", "emcid,nullspace", "--counts", COUNTS,
                 "--tasks", "replace,erase,style,rectify"],
@@ -131,20 +133,24 @@ def report(cmd: str) -> None:
     df = res.get("flux", {}).get("debias") or res.get("flux_debias", {}).get("debias")
     d = lambda x: "" if not x else f"dp {x['dp_before']:.2f} -> {x['dp_after']:.2f}"  # noqa: E731
     lines.append(f"| UCE | debias (10 professions, 50/50 crowned) | 10 | {d(du)} | {d(df)} |")
-    v = res.get("flux_variants", {})
-    if v:
+    v = {**res.get("flux_variants", {}), "replace": res.get("flux_variants_replace", {}).get("replace", {})}
+    if v.get("erase") or v.get("replace"):
         f = res.get("flux", {})
         lines += ["", "## FLUX: which keys, which readers (UCE otherwise at its defaults)", "",
                   "T5 is bidirectional: every token's state depends on the subject. `last`: the last subject token "
                   "(default); `aligned`: UCE's original choice, every row from the subject token through the padding, "
                   "source and destination aligned; `all`: aligned plus the template's tokens before the subject. "
                   "`readers=context`/`pooled`: only one of the two text readers is edited.", "",
-                  "| variant | task | edits | SF para | HD | edit s |", "|---|---|---|---|---|---|"]
-        variants = [("uce (last, both readers)", f, "uce")] + [(m, v, m) for m in v.get("erase", {})]
-        for label, src, m in variants:
-            for n, r in sorted(_rows(src, "erase", m).items()):
-                if n in (10, 100):
-                    lines.append(f"| {label} | erase | {n} | {_v(r, 'SF_para')} | {_v(r, 'HD')} | {r['edit_seconds']} |")
+                  "| variant | task | edits | SF para | S2D para | HD | edit s |", "|---|---|---|---|---|---|---|"]
+        names = list(dict.fromkeys([*v.get("erase", {}), *v.get("replace", {})]))
+        variants = [("uce (last, both readers)", f, "uce")] + [(m, v, m) for m in names]
+        for task in ("erase", "replace"):
+            for label, src, m in variants:
+                for n, r in sorted(_rows(src, task, m).items()):
+                    if n in (10, 100):
+                        lines.append(f"| {label} | {task} | {n} | {_v(r, 'SF_para')} | "
+                                     f"{_v(r, 'S2D_para') if task == 'replace' else ''} | {_v(r, 'HD')} | "
+                                     f"{r['edit_seconds']} |")
     lines += ["", "![UNet vs FLUX](architectures.png)", ""]
     notes = OUT / "notes.md"
     if notes.exists():
