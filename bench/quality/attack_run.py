@@ -369,14 +369,9 @@ def write_report(res: dict, out: Path, cmd: str):
              "method settings as `name:key=value` (`bench/quality/run.py`).", "",
              "| method | erased | attacked | plain before | forget | ASR para | ASR alias | ASR soft | ASR search | HD | edit s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for m, rows in res["methods"].items():
-        for r in rows:
-            if "error" in r:
-                lines.append(f"| {m} | {r['n']} | error: {r['error'][:80]} |||||||||")
-                continue
-            lines.append(f"| {m} | {r['n']} | {r['n_attacked']}{' (alias ' + str(r['alias_n']) + ')' if r.get('alias_n') else ''} | "
-                         f"{r['plain_before']:.2f} | {f(r, 'forget')} | {f(r, 'para')} | {f(r, 'alias')} | "
-                         f"{f(r, 'soft')} | {f(r, 'search')} | {f(r, 'HD')} | {r['edit_seconds']} |")
+    lines += _table(res["methods"], lambda r: [
+        f"{r['n_attacked']}{' (alias ' + str(r['alias_n']) + ')' if r.get('alias_n') else ''}", f"{r['plain_before']:.2f}",
+        *(f(r, k) for k in ("forget", "para", "alias", "soft", "search", "HD")), str(r["edit_seconds"])])
     lines += ["", "Unedited model on the attack prompts (same seeds): "
               + "; ".join(f"para {r.get('para_before', 0):.2f}, alias {r.get('alias_before', 0):.2f} (n={r['n']})"
                           for r in next(iter(res["methods"].values())) if "error" not in r) + ".", ""]
@@ -392,19 +387,21 @@ def write_report(res: dict, out: Path, cmd: str):
                   "each); HD as above (objects).", "",
                   "| method | erased | attacked | plain before | forget | ASR para | ASR soft | ASR search | HS | HD | edit s |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for m, rows in res["styles"].items():
-            for r in rows:
-                if "error" in r:
-                    lines.append(f"| {m} | {r['n']} | error: {r['error'][:80]} |||||||||")
-                    continue
-                lines.append(f"| {m} | {r['n']} | {r['n_attacked']} | {r['plain_before']:.2f} | {f(r, 'forget')} | "
-                             f"{f(r, 'para')} | {f(r, 'soft')} | {f(r, 'search')} | {f(r, 'HS')} | {f(r, 'HD')} | "
-                             f"{r['edit_seconds']} |")
+        lines += _table(res["styles"], lambda r: [
+            str(r["n_attacked"]), f"{r['plain_before']:.2f}",
+            *(f(r, k) for k in ("forget", "para", "soft", "search", "HS", "HD")), str(r["edit_seconds"])])
         lines += ["", "![attacks on styles](attacks_styles.png)", ""]
     (out / "README.md").write_text("\n".join(lines))
     _plot(res["methods"], "objects erased", out / "attacks.png")
     if any(res.get("styles", {}).values()):
         _plot(res["styles"], "artists erased", out / "attacks_styles.png", holdout=("HS", "holdout style (artists)"))
+
+
+def _table(methods: dict, cells) -> list[str]:
+    """Markdown rows: method, count, then ``cells(row)``; a failed row shows its error."""
+    return [f"| {m} | {r['n']} | error: {r['error'][:80]} |||||||||" if "error" in r
+            else "| " + " | ".join([m, str(r["n"]), *cells(r)]) + " |"
+            for m, rows in methods.items() for r in rows]
 
 
 def _plot(methods: dict, xlabel: str, path: Path, holdout=("HD", "holdout delta")):
