@@ -93,9 +93,13 @@ class MMDiTModel:
         if not cached:
             saved, self._cache = self._cache, {}
             try:
-                return self.encode(texts)
+                return self._encode(texts)
             finally:
                 self._cache = saved
+        return self._encode(texts)
+
+    def _encode(self, texts: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Encode the texts the cache lacks into it; the cache's texts' encodings."""
         todo = [t for t in dict.fromkeys(texts) if t not in self._cache]
         for t in todo:
             self._check_length(t)
