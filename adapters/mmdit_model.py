@@ -82,8 +82,9 @@ class MMDiTModel:
     # -- encoding -------------------------------------------------------------
     @torch.no_grad()
     def encode(self, texts: list[str], *, cached: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """text -> (token states (L, key_dim), pooled (P,)) as the transformer reads them, float32;
-        each distinct text encoded once, in batches, through the pipeline's ``encode_prompt``.
+        """text -> (token states (L, key_dim), pooled (P,)) as the transformer reads them, in the text
+        encoders' dtype (a bf16 T5 stays bf16: the cache holds every token state; the key selections
+        cast their rows to float32); each distinct text encoded once, in batches, through the pipeline's ``encode_prompt``.
         The cache is dropped when the text encoders' weights change (a text-encoder delta applied or
         removed, a LoRA fused), so keys always come from the encoders as they are now;
         ``cached=False`` encodes without reading or filling the cache (e.g. a large caption corpus)."""
@@ -120,7 +121,9 @@ class MMDiTModel:
                                                                do_classifier_free_guidance=False,
                                                                max_sequence_length=self.max_sequence_length)
             for i, t in enumerate(chunk):
-                self._cache[t] = (states[i].float().cpu(), pooled[i].float().cpu())
+                # kept in the encoder's dtype (bf16 T5: half the memory of float32, ~8 MB per FLUX
+                # prompt at 512 tokens); key rows are cast to float32 once selected (_Keys)
+                self._cache[t] = (states[i].cpu(), pooled[i].cpu())
 
     def _check_length(self, text: str) -> None:
         """Refuse what the pipeline would silently truncate: the key would be another prompt's."""
@@ -229,7 +232,7 @@ class _Keys:
             rows = [pooled for _, pooled in self._states(prompts)]
         else:
             rows = [seg.rows(m, st)[seg.index(m, p)] for p, (st, _) in zip(prompts, self._states(prompts))]
-        return torch.stack(rows), list(range(len(prompts)))
+        return torch.stack(rows).float(), list(range(len(prompts)))
 
     def aligned_keys(self, src: list[Prompt], dst: list[Prompt], *, prefix: bool = False):
         """Rows from each subject token to the end of the segment, source and destination aligned
@@ -249,7 +252,7 @@ class _Keys:
                 c = seg.shared_prefix(m, ps, pd, min(a, b))
                 K.append(rs[:c]); T.append(rd[:c]); owners += [i] * c
             K.append(rs[a : n - (far - a)]); T.append(rd[b : n - (far - b)]); owners += [i] * (n - far)
-        return torch.cat(K), torch.cat(T), owners
+        return torch.cat(K).float(), torch.cat(T).float(), owners
 
     def all_token_keys(self, prompts: list[Prompt], *, prefix: bool = False):
         """Preserve rows for the aligned selections: from the subject token (or, with ``prefix``,
@@ -261,5 +264,5 @@ class _Keys:
         for i, (p, (st, _)) in enumerate(zip(prompts, self._states(prompts))):
             r = seg.rows(m, st)[0 if prefix else seg.index(m, p):]
             rows.append(r); owners += [i] * r.shape[0]
-        return torch.cat(rows), owners
+        return torch.cat(rows).float(), owners
 

@@ -69,7 +69,7 @@ def _widget(f, engine: str, fixed: dict, site: str) -> tuple | None:
     tip = {"tooltip": meta.get("help", "")}
     key = spelling(f.name)
     choices = meta.get("choices") or (("kv", "v") if f.name == "layers" and site == "unet" else None)
-    if f.name == "token":  # the nodes edit SD 1.x/2.x/SDXL, whose engines refuse the T5-only choices
+    if f.name == "token":  # 'all' (T5's tokens before the subject) stays library-only
         choices = tuple(c for c in choices if c not in MMDIT_ONLY_TOKENS)
     if choices:
         ok = _valid_choices(engine, fixed, key, choices)

@@ -107,6 +107,25 @@ def test_token_choices_move_every_selected_row_to_its_aligned_target(mmdit):
         assert (counts["aligned"], counts["all"]) == (MSL - last, MSL - last + n_tpl)
 
 
+def test_bf16_encoders_cache_bf16_states_and_give_float32_keys():
+    """A bf16 pipeline's token states stay bf16 in the encoding cache (half the memory: the cache
+    holds every state of every prompt); the keys are those states cast to float32 and the edit
+    solves in float32."""
+    pipe = build_tiny_mmdit_pipeline("flux").to(torch.bfloat16)
+    m = MMDiTModel(pipe, max_sequence_length=MSL)
+    text = "a painting by Van Gogh"
+    states, pooled = m.encode([text])[text]
+    assert states.dtype == pooled.dtype == torch.bfloat16
+    (enc,) = m.key_spaces()["states"][1]
+    p = Prompt(text, len(text))
+    (k,), _ = enc.last_token_keys([p])
+    assert k.dtype == torch.float32 and torch.equal(k, states[m.t5_index(p)].float())
+    K, _, _ = enc.aligned_keys([p], [Prompt("a painting by art", 17)])
+    assert K.dtype == torch.float32
+    delta = compute_delta(m, _plan(), progress=False)
+    assert all(d.dense().dtype == torch.float32 and torch.isfinite(d.dense()).all() for d in delta.layers.values())
+
+
 def test_readers_choose_the_edited_embedders(mmdit):
     _, m = mmdit
     both = compute_delta(m, _plan(), progress=False)

@@ -6,7 +6,7 @@ FLUX context embedder + pooled-text embedder); EMCID and null-space edit the tex
     python bench/quality/architectures.py --threads 2      # runs both, writes bench/quality/architectures/
 
 Runs of ``run.py`` (each kept in its own folder with its own README, ``RUNS``): UCE with its defaults
-on the UNet model and on the FLUX model (every task), on the FLUX model the key-token and
+on the UNet model and on the FLUX model (every task; on FLUX also with aligned keys), on the FLUX model the key-token and
 text-reader variants (erase at 10 and 100 edits), and EMCID and null-space on both. This script then
 writes the side-by-side table and plot (``notes.md`` in the output folder becomes its Findings
 section). ``--report-only`` rebuilds them from the saved results.
@@ -26,6 +26,9 @@ N_EVAL = 50
 RUNS = {  # folder: run.py arguments
     "unet": ["--arch", "unet", "--methods", "uce", "--counts", COUNTS],
     "flux": ["--arch", "flux", "--methods", "uce", "--counts", COUNTS, "--tasks", "replace,erase,style,rectify"],
+    # UCE's original aligned keys at every count and task (the variants below only at 10 and 100)
+    "flux_aligned": ["--arch", "flux", "--methods", "uce:token=aligned", "--counts", COUNTS,
+                     "--tasks", "replace,erase,style,rectify"],
     # debiasing fits its alphas by generating images in a loop: on the FLUX model (true CFG, two
     # transformer passes per step) that is the slowest task; it runs on its own
     "flux_debias": ["--arch", "flux", "--methods", "uce", "--tasks", "debias"],
@@ -66,6 +69,7 @@ def _v(r: dict | None, k: str) -> str:
 # method label -> (run folder, method name) on the UNet testbed and on the FLUX testbed
 PAIRS = {
     "UCE": (("unet", "uce"), ("flux", "uce")),
+    "UCE, aligned tokens": (("unet", "uce:token=aligned"), ("flux_aligned", "uce:token=aligned")),
     "EMCID": (("unet_te", "emcid"), ("flux_te", "emcid-t5")),
     "null-space": (("unet_te", "nullspace"), ("flux_te", "nullspace-t5")),
 }
@@ -95,7 +99,8 @@ def report(cmd: str) -> None:
                 if acc else "")
              + "This is `run.py`'s protocol (holdouts' captions are in the C0 corpus); protocol 2 (`protocol2/`) is "
              "the stricter one for the text-encoder methods, on the UNet model.", "",
-             "Methods, each with its defaults: **UCE** (lambda 0.5, last subject token) edits the readers of text: "
+             "Methods, each with its defaults: **UCE** (lambda 0.5, last subject token; the row `UCE, aligned tokens` is "
+             "FLUX with `token: aligned`, the UNet column empty) edits the readers of text: "
              "on the UNet cross-attention `to_k`/`to_v` of 7 blocks, on FLUX `context_embedder` (T5 token states) and "
              "`time_text_embed.text_embedder.linear_1` (pooled CLIP vector). **EMCID** (stage II, destination-state "
              "targets, alpha 0.5, C0 weight 10,000) and **null-space** (AlphaEdit-style projector from the corpus and "
