@@ -146,14 +146,15 @@ class ComfyMMDiTModel(MMDiTModel):
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """text -> (token states (L, key_dim), pooled vector) as ComfyUI's CLIP gives them, float32;
-        one ``encode_from_tokens`` per distinct text (a batch would return one pooled vector)."""
+        """text -> (token states (L, key_dim), pooled vector) as ComfyUI's CLIP gives them, in its
+        dtype (as ``MMDiTModel.encode``); one ``encode_from_tokens`` per distinct text (a batch
+        would return one pooled vector)."""
         todo = [t for t in dict.fromkeys(texts) if t not in self._cache]
         for t in todo:
             self._check_length(t)
         for t in tqdm(todo, desc="encoding prompts", disable=len(todo) < 8, leave=False):
             cond, pooled = self.clip.encode_from_tokens(self.tokens(t), return_pooled=True)
-            self._cache[t] = (cond[0].float().cpu(), pooled[0].float().cpu())
+            self._cache[t] = (cond[0].cpu(), pooled[0].cpu())
         return {t: self._cache[t] for t in texts}
 
     # -- layers ---------------------------------------------------------------

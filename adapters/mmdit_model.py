@@ -83,8 +83,9 @@ class MMDiTModel:
     @torch.no_grad()
     def encode(self, texts: list[str], *, cached: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """text -> (token states (L, key_dim), pooled (P,)) as the transformer reads them, in the text
-        encoders' dtype (a bf16 T5 stays bf16: the cache holds every token state; the key selections
-        cast their rows to float32); each distinct text encoded once, in batches, through the pipeline's ``encode_prompt``.
+        encoders' dtype (the cache holds every token state: a bf16 T5's stay bf16, half the memory;
+        ``_Keys`` casts the rows it selects to float32); each distinct text encoded once, in
+        batches, through the pipeline's ``encode_prompt``.
         The cache is dropped when the text encoders' weights change (a text-encoder delta applied or
         removed, a LoRA fused), so keys always come from the encoders as they are now;
         ``cached=False`` encodes without reading or filling the cache (e.g. a large caption corpus)."""
@@ -121,9 +122,7 @@ class MMDiTModel:
                                                                do_classifier_free_guidance=False,
                                                                max_sequence_length=self.max_sequence_length)
             for i, t in enumerate(chunk):
-                # kept in the encoder's dtype (bf16 T5: half the memory of float32, ~8 MB per FLUX
-                # prompt at 512 tokens); key rows are cast to float32 once selected (_Keys)
-                self._cache[t] = (states[i].cpu(), pooled[i].cpu())
+                self._cache[t] = (states[i].cpu(), pooled[i].cpu())  # encoder dtype: see encode
 
     def _check_length(self, text: str) -> None:
         """Refuse what the pipeline would silently truncate: the key would be another prompt's."""

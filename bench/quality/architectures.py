@@ -6,10 +6,10 @@ FLUX context embedder + pooled-text embedder); EMCID and null-space edit the tex
     python bench/quality/architectures.py --threads 2      # runs both, writes bench/quality/architectures/
 
 Runs of ``run.py`` (each kept in its own folder with its own README, ``RUNS``): UCE with its defaults
-on the UNet model and on the FLUX model (every task; on FLUX also with aligned keys), on the FLUX model the key-token and
-text-reader variants (erase at 10 and 100 edits), and EMCID and null-space on both. This script then
-writes the side-by-side table and plot (``notes.md`` in the output folder becomes its Findings
-section). ``--report-only`` rebuilds them from the saved results.
+on the UNet model and on the FLUX model (every task; on FLUX also with aligned keys), on the FLUX
+model the key-token and text-reader variants (erase at 10 and 100 edits), and EMCID and null-space
+on both. This script then writes the side-by-side table and plot (``notes.md`` in the output folder
+becomes its Findings section). ``--report-only`` rebuilds them from the saved results.
 """
 from __future__ import annotations
 

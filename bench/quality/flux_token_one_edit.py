@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -28,14 +29,10 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 OUT = HERE / "flux_token_one_edit"
 EDIT_TEMPLATES = ["{}", "a photo of a {}", "a painting of a {}"]
 N_SOURCES, N_PRESERVE, N_HOLDOUT = 6, 10, 20
-
-
-def _ci(x) -> float:
-    x = np.asarray(x, dtype=float)
-    return float(1.96 * x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
 
 
 def main(argv=None):
@@ -52,6 +49,7 @@ def main(argv=None):
     from concept_edit.testbed import load_flux_testbed_pipeline as load_flux
     from concept_edit.testbed.evaluate import concept_hit, generate, head_probs
     from concept_edit.testbed.grammar import HOLDOUT_TEMPLATES
+    from run import ci95
 
     t0 = time.time()
     pipe, clf, world = load_flux(), load_classifier(), get_world()
@@ -92,7 +90,7 @@ def main(argv=None):
                 for k in per_edit[0]:
                     v = [r[k] - (base if k == "holdout" else 0) for r in per_edit]
                     key = "HD" if k == "holdout" else k
-                    row[key], row[key + "_ci"] = round(float(np.mean(v)), 3), round(_ci(v), 3)
+                    row[key], row[key + "_ci"] = round(float(np.mean(v)), 3), round(ci95(v), 3)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
