@@ -130,6 +130,8 @@ class ComfyMMDiTModel(MMDiTModel):
             raise ComfyModelError("ComfyUI's T5 tokenizer here pads to no fixed length; the keys need one")
         self.key_dim = int(sd[self._reader_keys[fam.text_readers[0].module]].shape[1])
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rows: dict = {}  # MMDiTModel.last_rows
+        self.batch_size = 16  # prompts per last_rows step (each is encoded alone: see encode)
         self._weights: dict[str, torch.Tensor] = {}
 
     # -- encoding -------------------------------------------------------------
@@ -144,18 +146,23 @@ class ComfyMMDiTModel(MMDiTModel):
         """ComfyUI's token dict for ``text`` (ids only, weight 1.0), as ``clip.tokenize`` makes it."""
         return {s: [[(t, 1.0) for t in lay.row(text)]] for s, lay in self._layouts.items()}
 
+    def _drop_stale_caches(self) -> None:
+        """No-op: this object lives for one node call on one CLIP (fingerprinting a T5-XXL per call
+        would read 4.7 B parameters)."""
+
     @torch.no_grad()
-    def encode(self, texts: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def encode(self, texts: list[str], *, cached: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """text -> (token states (L, key_dim), pooled vector) as ComfyUI's CLIP gives them, in its
         dtype (as ``MMDiTModel.encode``); one ``encode_from_tokens`` per distinct text (a batch
-        would return one pooled vector)."""
-        todo = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        would return one pooled vector). ``cached=False``: neither read nor fill the cache."""
+        cache = self._cache if cached else {}
+        todo = [t for t in dict.fromkeys(texts) if t not in cache]
         for t in todo:
             self._check_length(t)
         for t in tqdm(todo, desc="encoding prompts", disable=len(todo) < 8, leave=False):
             cond, pooled = self.clip.encode_from_tokens(self.tokens(t), return_pooled=True)
-            self._cache[t] = (cond[0].cpu(), pooled[0].cpu())
-        return {t: self._cache[t] for t in texts}
+            cache[t] = (cond[0].cpu(), pooled[0].cpu())
+        return {t: cache[t] for t in texts}
 
     # -- layers ---------------------------------------------------------------
     def weights(self, names) -> dict[str, torch.Tensor]:

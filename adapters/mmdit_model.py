@@ -72,7 +72,8 @@ class MMDiTModel:
         self.max_tokens = self.tokenizer.model_max_length
         self.key_dim = int(pipe.transformer.config.joint_attention_dim)
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._cache_fingerprint: str | None = None  # of the text encoders the cache was encoded with
+        self._rows: dict[tuple[str, int], tuple[dict, torch.Tensor]] = {}  # see last_rows
+        self._cache_fingerprint: str | None = None  # of the text encoders the caches were encoded with
 
     # -- tokens ---------------------------------------------------------------
     def token_ids(self, text: str) -> list[int]:
@@ -89,9 +90,7 @@ class MMDiTModel:
         The cache is dropped when the text encoders' weights change (a text-encoder delta applied or
         removed, a LoRA fused), so keys always come from the encoders as they are now;
         ``cached=False`` encodes without reading or filling the cache (e.g. a large caption corpus)."""
-        fp = fingerprint(self.text_encoder_weights())
-        if fp != self._cache_fingerprint:
-            self._cache, self._cache_fingerprint = {}, fp
+        self._drop_stale_caches()
         if not cached:
             saved, self._cache = self._cache, {}
             try:
@@ -99,6 +98,38 @@ class MMDiTModel:
             finally:
                 self._cache = saved
         return self._encode(texts)
+
+    def clear_caches(self) -> None:
+        """Forget every cached encoding (full states and last-token rows)."""
+        self._cache, self._rows = {}, {}
+
+    def _drop_stale_caches(self) -> None:
+        fp = fingerprint(self.text_encoder_weights())
+        if fp != self._cache_fingerprint:
+            self._cache, self._rows, self._cache_fingerprint = {}, {}, fp
+
+    @property
+    def segments(self) -> tuple:
+        """The token-state key segments of this family's context (see :class:`_Segment`)."""
+        return (_T5,) if self.family == "flux" else (_CLIP, _T5_AFTER_CLIP)
+
+    def last_rows(self, prompts: list[Prompt]) -> list[tuple[dict, torch.Tensor]]:
+        """Per prompt: {segment: its token state at the concept's last token} and the pooled vector,
+        float32 -- everything ``token: last`` reads. Only these rows are kept: a FLUX prompt's states
+        are 512 x 4096 (8 MB in float32), so 1,000 concepts' full states took ~17 GB; their last rows
+        take ~40 MB. A prompt whose full states are cached (an aligned selection) is not re-encoded."""
+        self._drop_stale_caches()
+        todo = list({(p.text, p.subject_end): p for p in prompts if (p.text, p.subject_end) not in self._rows}.values())
+        starts = range(0, len(todo), self.batch_size)
+        for s in tqdm(starts, desc="encoding prompts", disable=len(starts) < 8, leave=False):
+            chunk = todo[s : s + self.batch_size]
+            full = {t: self._cache[t] for t in {p.text for p in chunk} if t in self._cache}
+            full.update(self.encode([p.text for p in chunk if p.text not in full], cached=False))
+            for p in chunk:
+                st, pooled = full[p.text]
+                rows = {seg: st[seg.start(self) + seg.index(self, p)].float() for seg in self.segments}
+                self._rows[(p.text, p.subject_end)] = (rows, pooled.float())
+        return [self._rows[(p.text, p.subject_end)] for p in prompts]
 
     def _encode(self, texts: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Encode the texts the cache lacks into it; the cache's texts' encodings."""
@@ -219,19 +250,18 @@ class _Keys:
         self.model, self.segment = model, segment
 
     def prefetch(self, *groups) -> None:
-        self.model.encode([p.text for prompts, _ in groups for p in prompts])
+        """Encode every group's prompts in one pass, keeping their last-token rows (the engines
+        prefetch for the last-token selection)."""
+        self.model.last_rows([p for prompts, _ in groups for p in prompts])
 
     def _states(self, prompts):
         enc = self.model.encode([p.text for p in prompts])
         return [enc[p.text] for p in prompts]
 
     def last_token_keys(self, prompts: list[Prompt], *, empty_all_tokens: bool = False):
-        m, seg = self.model, self.segment
-        if seg is None:
-            rows = [pooled for _, pooled in self._states(prompts)]
-        else:
-            rows = [seg.rows(m, st)[seg.index(m, p)] for p, (st, _) in zip(prompts, self._states(prompts))]
-        return torch.stack(rows).float(), list(range(len(prompts)))
+        got = self.model.last_rows(prompts)
+        rows = [pooled if self.segment is None else r[self.segment] for r, pooled in got]
+        return torch.stack(rows), list(range(len(prompts)))
 
     def aligned_keys(self, src: list[Prompt], dst: list[Prompt], *, prefix: bool = False):
         """Rows from each subject token to the end of the segment, source and destination aligned

@@ -171,7 +171,7 @@ def make_plan(edits: list[str], preserves: list[str]):
 def floor_encode(model, prompts: list[str]) -> None:
     """The distinct prompts through the pipeline's ``encode_prompt``, batched (MMDiTModel's own path
     without the key bookkeeping)."""
-    model._cache.clear()
+    model.clear_caches()
     model._encode_batches(list(dict.fromkeys(prompts)))
 
 
@@ -276,11 +276,11 @@ def run_model(name: str, ns: list[int], variants: list[str], t5_blocks: int, cal
                 if v == "floor":
                     _timed(res, lambda: floor_encode(model, prompts))
                 elif v == "ce":
-                    model._cache.clear()
+                    model.clear_caches()
                     delta = _timed(res, lambda: uce_delta(model, make_plan(edits, preserves), progress=False))
                     res["keys_seconds"] = delta.metadata["seconds"]
                     ce_delta = delta
-                    model._cache.clear()  # the published loop's peak is its own, not ours plus its
+                    model.clear_caches()  # the published loop's peak is its own, not ours plus its
                 else:
                     names, original, edited, embeds, ph = _timed(
                         res, lambda: reference_uce(pipe, family, msl, edits, [""] * n, preserves))

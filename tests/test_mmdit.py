@@ -126,6 +126,28 @@ def test_bf16_encoders_cache_bf16_states_and_give_float32_keys():
     assert all(d.dense().dtype == torch.float32 and torch.isfinite(d.dense()).all() for d in delta.layers.values())
 
 
+def test_last_token_edits_keep_only_the_rows_they_read():
+    """token: last keeps each prompt's last-token rows and pooled vector, not its full states (1,000
+    FLUX concepts' full states took ~17 GB); the rows are the full encoding's, the delta the same as
+    with full states cached first, and an aligned selection reuses cached full states."""
+    pipe = build_tiny_mmdit_pipeline("sd3")
+    m = MMDiTModel(pipe, max_sequence_length=MSL)
+    delta = compute_delta(m, _plan(), progress=False)
+    assert m._cache == {} and len(m._rows) > 0
+    texts = ["Van Gogh", "art", "Claude Monet", "a red apple"]
+    prompts = [Prompt(t, len(t)) for t in texts]
+    full = MMDiTModel(pipe, max_sequence_length=MSL)
+    full.encode(texts)  # full states first: last_rows reads them instead of encoding again
+    for (rows, pooled), p in zip(m.last_rows(prompts), prompts):
+        st, pl = full.encode([p.text])[p.text]
+        assert torch.equal(pooled, pl.float())
+        assert torch.equal(rows[m.segments[0]], st[m.clip_index(p)].float())
+        assert torch.equal(rows[m.segments[1]], st[m.max_tokens + m.t5_index(p)].float())
+    again = compute_delta(full, _plan(), progress=False)
+    for name, d in delta.layers.items():
+        torch.testing.assert_close(again.layers[name].dense(), d.dense(), atol=1e-6, rtol=0)
+
+
 def test_readers_choose_the_edited_embedders(mmdit):
     _, m = mmdit
     both = compute_delta(m, _plan(), progress=False)

@@ -188,6 +188,7 @@ def test_encoding_cache_follows_text_encoder_weights(mmdit):
     _, m = mmdit
     text = "a photo of a cat"
     before = m.encode([text])[text][0].clone()
+    (before_rows, _), = m.last_rows([Prompt(text, len(text))])
     w = m.text_encoder_weights()[f"{T5[m.family]}.encoder.block.0.layer.1.DenseReluDense.wo"]
     snap = w.detach().clone()
     with torch.no_grad():
@@ -196,6 +197,8 @@ def test_encoding_cache_follows_text_encoder_weights(mmdit):
         edited = m.encode([text])[text][0]
         assert not torch.allclose(edited, before)
         torch.testing.assert_close(edited, m.encode([text], cached=False)[text][0])
+        (rows, _), = m.last_rows([Prompt(text, len(text))])  # the last-token rows follow too
+        assert not torch.allclose(rows[m.segments[-1]], before_rows[m.segments[-1]])  # the T5 row
     finally:
         with torch.no_grad():
             w.copy_(snap)
