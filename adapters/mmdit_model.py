@@ -127,8 +127,9 @@ class MMDiTModel:
             full.update(self.encode([p.text for p in chunk if p.text not in full], cached=False))
             for p in chunk:
                 st, pooled = full[p.text]
-                rows = {seg: st[seg.start(self) + seg.index(self, p)].float() for seg in self.segments}
-                self._rows[(p.text, p.subject_end)] = (rows, pooled.float())
+                # copies: a row of float32 states is a view that would keep the whole batch alive
+                rows = {seg: st[seg.start(self) + seg.index(self, p)].to(torch.float32, copy=True) for seg in self.segments}
+                self._rows[(p.text, p.subject_end)] = (rows, pooled.to(torch.float32, copy=True))
         return [self._rows[(p.text, p.subject_end)] for p in prompts]
 
     def _encode(self, texts: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -143,6 +143,8 @@ def test_last_token_edits_keep_only_the_rows_they_read():
         assert torch.equal(pooled, pl.float())
         assert torch.equal(rows[m.segments[0]], st[m.clip_index(p)].float())
         assert torch.equal(rows[m.segments[1]], st[m.max_tokens + m.t5_index(p)].float())
+        for r in (*rows.values(), pooled):  # own storage: not views that keep a batch's states alive
+            assert r.untyped_storage().nbytes() == r.numel() * 4
     again = compute_delta(full, _plan(), progress=False)
     for name, d in delta.layers.items():
         torch.testing.assert_close(again.layers[name].dense(), d.dense(), atol=1e-6, rtol=0)
