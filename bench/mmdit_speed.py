@@ -372,13 +372,15 @@ def main(argv=None):
     ns = [int(x) for x in a.n.split(",")]
     variants = a.variants.split(",")
     results = json.loads(a.out.read_text()) if a.out.exists() and not a.quick else []
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=HERE).stdout.strip() or None  # which code measured a row (rows replace by key)
     for m in models:
         spec = {"model": m, "ns": ns, "variants": variants, "t5_blocks": a.t5_blocks, "calibrate": a.calibrate}
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec), "--threads", str(a.threads)]
         # one process per model: each measured call's peak (VmHWM reset before it) is its own
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
         p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        got = [json.loads(ln) for ln in p.stdout.splitlines() if ln.startswith("{")]
+        got = [{**json.loads(ln), "commit": commit} for ln in p.stdout.splitlines() if ln.startswith("{")]
         if p.returncode:
             got.append({"model": m, "error": (p.stderr or "")[-2000:]})
         key = lambda r: (r.get("model"), r.get("t5_blocks"), r.get("n"), r.get("variant"))  # noqa: E731
