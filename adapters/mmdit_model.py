@@ -90,13 +90,13 @@ class MMDiTModel:
         The cache is dropped when the text encoders' weights change (a text-encoder delta applied or
         removed, a LoRA fused), so keys always come from the encoders as they are now;
         ``cached=False`` encodes without reading or filling the cache (e.g. a large caption corpus)."""
-        self._drop_stale_caches()
-        if not cached:
+        if not cached:  # reads no cache, so no fingerprint to check (last_rows calls this per batch)
             saved, self._cache = self._cache, {}
             try:
                 return self._encode(texts)
             finally:
                 self._cache = saved
+        self._drop_stale_caches()
         return self._encode(texts)
 
     def clear_caches(self) -> None:
@@ -106,7 +106,8 @@ class MMDiTModel:
     def _drop_stale_caches(self) -> None:
         fp = fingerprint(self.text_encoder_weights())
         if fp != self._cache_fingerprint:
-            self._cache, self._rows, self._cache_fingerprint = {}, {}, fp
+            self.clear_caches()
+            self._cache_fingerprint = fp
 
     @property
     def segments(self) -> tuple:
@@ -128,7 +129,7 @@ class MMDiTModel:
             for p in chunk:
                 st, pooled = full[p.text]
                 # copies: a row of float32 states is a view that would keep the whole batch alive
-                rows = {seg: st[seg.start(self) + seg.index(self, p)].to(torch.float32, copy=True) for seg in self.segments}
+                rows = {seg: seg.rows(self, st)[seg.index(self, p)].to(torch.float32, copy=True) for seg in self.segments}
                 self._rows[(p.text, p.subject_end)] = (rows, pooled.to(torch.float32, copy=True))
         return [self._rows[(p.text, p.subject_end)] for p in prompts]
 
