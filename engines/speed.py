@@ -14,6 +14,10 @@ cross-attention: null-space constrained editing with a refined retain set (docs/
    (:func:`..solvers.speed.speed_solve_layer`).
 
 With neither IPF nor DPA the retain set is the same for every layer and its projector is built once.
+
+The edit term is the mean over the edit keys (official), so against ``retain_scale`` each concept's
+pull shrinks as more are edited; each layer reports its ``reach`` (share of the edit keys' output
+distance to their targets the edit closes) and a weak edit is warned about.
 """
 from __future__ import annotations
 
@@ -38,6 +42,8 @@ from ..solvers.speed import (
 from .metadata import delta_metadata
 from .uce import edit_rows, key_spaces, preserve_keys
 
+WEAK_REACH = 0.5  # below this mean reach the edit leaves the concepts mostly as they were: warn
+
 
 def retain_concepts(plan: EditPlan) -> tuple[list[str], list[str]]:
     """(kept, dropped): preserve concepts that contain no edited concept as a whole word."""
@@ -57,6 +63,16 @@ def _retain_keys(enc, plan: EditPlan, kept: list[str]):
 def null_text_states(model: EditableModel) -> torch.Tensor:
     """The states the UNet reads for "" (the full padded sequence, as the pipeline feeds it)."""
     return model.encode_ids([model.padded_ids("")])[0]
+
+
+def reach(W, D, K, T) -> float:
+    """Mean over edit keys (those not already at their target) of the share of the output distance
+    to the target that ``D`` closes: 1 reaches the targets, 0 leaves the keys where they were."""
+    before = (K - T) @ W.mT
+    after = K @ (W + D).mT - T @ W.mT
+    b = before.norm(dim=1)
+    keep = b > 1e-9 * b.max().clamp_min(1e-300)
+    return float((1 - after.norm(dim=1)[keep] / b[keep]).mean()) if keep.any() else 1.0
 
 
 def speed_delta(model: EditableModel, plan: EditPlan, *, progress: bool = True, noise=None,
@@ -107,7 +123,14 @@ def speed_delta(model: EditableModel, plan: EditPlan, *, progress: bool = True, 
             Wd = W.double()
             drift = max(drift, ((Kc @ (sol.up @ sol.down).mT).norm() / (Kc @ Wd.mT).norm()).item())
         report[name] = {"retained": rm.n_kept, "augmented": rm.n_augmented, "kept_rank": proj.kept_rank,
-                        "coverage": round(sol.coverage, 6), "leakage": round(proj.leakage, 6)}
+                        "coverage": round(sol.coverage, 6), "leakage": round(proj.leakage, 6),
+                        "reach": round(reach(W.double(), sol.up @ sol.down, K, T), 4)}
+    mean_reach = sum(r["reach"] for r in report.values()) / max(1, len(report))
+    if mean_reach < WEAK_REACH:
+        warnings.warn(f"speed: the edit closes only {mean_reach:.0%} of the edit keys' distance to their targets "
+                      f"(mean over layers; the edit term is the mean over {K.shape[0]} keys, against retain_scale "
+                      f"{s.retain_scale:g}): the concepts will barely change. Lower retain_scale (the official celebrity runs "
+                      "use 0.05) or raise erase_scale.", stacklevel=2)
     extra = {"n_edit_keys": int(K.shape[0]), "n_retain_keys": 0 if R is None else int(R.shape[0]),
              "n_invariant_keys": 0 if Kc is None else int(Kc.shape[0]), "layers_report": report}
     if Kc is not None:

@@ -343,3 +343,34 @@ def test_speed_forgets_an_object_and_keeps_the_holdout_on_the_testbed(one_thread
     if kind == "replace":
         assert after_dst >= 0.5, "source prompts should now draw the destination"
     assert after_hold >= 0.75 and after_keep >= 0.75, "holdout and retained concepts should be kept"
+
+
+@pytest.mark.skipif(not _testbed_ready(), reason="testbed weights not present")
+def test_edit_weakened_by_averaging_is_reported_and_warned_on_the_testbed(one_thread):
+    """The edit term is the mean over the edit keys (official), so with retain_scale fixed each
+    concept's pull shrinks as more are erased: the layers report how far the keys got ("reach"),
+    and a weak edit warns, naming the settings that strengthen it."""
+    import warnings
+
+    from concept_edit.adapters.diffusers_model import DiffusersModel
+    from concept_edit.testbed import get_world, load_testbed_pipeline
+
+    model, objs = DiffusersModel(load_testbed_pipeline()), get_world().objects
+
+    def run(n, **settings):
+        plan = plan_from_dict({"method": "speed", "edits": [{"erase": o.name} for o in objs[:n]],
+                               "preserve": [o.name for o in objs[200:300]], **settings,
+                               "templates": ["{}", "a photo of a {}", "a painting of a {}"]})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            d = compute_delta(model, plan, progress=False)
+        reps = d.metadata["layers_report"].values()
+        weak = [w for w in caught if "closes only" in str(w.message)]
+        return sum(r["reach"] for r in reps) / len(reps), weak
+
+    one, weak_one = run(1)
+    ten, weak_ten = run(10)
+    scaled, weak_scaled = run(10, erase_scale=10.0)
+    assert one > 0.5 and not weak_one
+    assert ten < 0.5 and len(weak_ten) == 1 and "retain_scale" in str(weak_ten[0].message)
+    assert scaled > one - 0.1 and not weak_scaled

@@ -40,7 +40,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import attacks as A  # noqa: E402  (bench/quality/attacks.py)
-from run import EDIT_TEMPLATES, Bench, build_methods, ci95, parse_method  # noqa: E402
+from run import EDIT_TEMPLATES, Bench, build_methods, ci95  # noqa: E402
 
 OUT = HERE / "attacks"
 PLAIN_TEMPLATE = ("a photo of a", "")  # the attacked prompt: prefix, suffix around the name
@@ -78,37 +78,6 @@ def registered(name: str) -> bool:
     from concept_edit.engines.registry import ENGINES
 
     return name in ENGINES
-
-
-def engine_method(name: str, opts: dict):
-    """A registered engine (rece, speed, ...) as a bench callable with these settings."""
-    from concept_edit.core.settings import build_settings
-    from concept_edit.engines.registry import compute_delta
-
-    settings = build_settings(name, opts)
-
-    def run(model, plan):
-        return compute_delta(model, dataclasses.replace(plan, method=name, settings=settings), progress=False)
-
-    return run
-
-
-def make_methods(specs: list[str], corpus) -> dict:
-    out = {}
-    for spec in specs:
-        name, opts = parse_method(spec)
-        if name in ("uce", "emcid", "nullspace", "emcid+uce", "nullspace-xattn", "emcid-distill"):
-            out.update(build_methods([spec], corpus))
-        elif registered(name):
-            from concept_edit.core.settings import settings_class
-
-            fields = {f.name for f in dataclasses.fields(settings_class(name))}
-            if "corpus" in fields and "corpus" not in opts:  # the testbed's captions, as the presets get
-                opts["corpus"] = corpus
-            out[spec] = engine_method(name, opts)
-        else:
-            print(f"skipping method {spec}: not registered in this checkout", file=sys.stderr)
-    return out
 
 
 def default_methods() -> list[str]:
@@ -394,7 +363,9 @@ def write_report(res: dict, out: Path, cmd: str):
     (out / "README.md").write_text("\n".join(lines))
     _plot(res["methods"], "objects erased", out / "attacks.png")
     if any(res.get("styles", {}).values()):
-        _plot(res["styles"], "artists erased", out / "attacks_styles.png", holdout=("HS", "holdout style (artists)"))
+        # artists have no aliases: that panel shows what the style edits cost objects
+        _plot(res["styles"], "artists erased", out / "attacks_styles.png", holdout=("HS", "holdout style (artists)"),
+              third=("HD", "holdout delta (objects)"))
 
 
 def _table(methods: dict, cells) -> list[str]:
@@ -404,13 +375,13 @@ def _table(methods: dict, cells) -> list[str]:
             for m, rows in methods.items() for r in rows]
 
 
-def _plot(methods: dict, xlabel: str, path: Path, holdout=("HD", "holdout delta")):
+def _plot(methods: dict, xlabel: str, path: Path, holdout=("HD", "holdout delta"), third=("alias", "ASR alias")):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [("forget", "no attack: forget rate"), ("para", "ASR paraphrase"), ("alias", "ASR alias"),
+    keys = [("forget", "no attack: forget rate"), ("para", "ASR paraphrase"), third,
             ("soft", "ASR soft prompt"), ("search", "ASR token search"), holdout]
     fig, axes = plt.subplots(2, 3, figsize=(12, 7))
     axes = axes.ravel()
@@ -476,7 +447,7 @@ def main(argv=None):
     a.style_counts = a.style_counts if a.style_counts is not None else ("1" if q else "1,5,24")
     style_counts = sorted({int(x) for x in a.style_counts.split(",") if x})
     specs = a.methods.split(",") if a.methods else (QUICK_METHODS if q else default_methods())
-    methods = make_methods(specs, caption_corpus(a.corpus))
+    methods = build_methods(specs, caption_corpus(a.corpus))
     ab = AttackBench(b, images=a.images,
                      soft={"n_tokens": a.soft_tokens, "steps": a.soft_steps, "lr": a.soft_lr, "batch": a.soft_batch},
                      search={"n_tokens": a.search_tokens, "iters": a.search_iters, "top_k": a.search_top_k})

@@ -17,6 +17,9 @@ Presets (all cheap enough for 1,000 edits on a CPU except the ``-distill`` ones)
   methods on the T5 encoder's ``DenseReluDense.wo`` layers only, or on the CLIP encoders' ``mlp.fc2``
   only (default layers of those encoders: every read layer but the last).
 
+Any other engine the package registers (``rece``, ``speed``, ...) runs with its own defaults plus the
+overrides; it gets ``corpus`` only if its settings have one.
+
 ``corpus`` (caption list or file) is the C0 corpus; pass the testbed's caption corpus.
 Bench-only option ``encoders``: "t5" | "clip" restricts ``layers`` to those encoders of the model.
 """
@@ -59,9 +62,9 @@ def with_settings(plan: EditPlan, engine: str, values: dict) -> EditPlan:
 
 
 def make_method(name: str, *, corpus=None, cache_dir=None, progress: bool = False, **overrides):
-    """A callable (model, plan) -> ConceptDelta for preset ``name``."""
+    """A callable (model, plan) -> ConceptDelta for preset ``name`` (or a registered engine's name)."""
     if name not in PRESETS:
-        raise KeyError(f"unknown method {name!r}; available: {', '.join(PRESETS)}")
+        return engine_method(name, corpus=corpus, progress=progress, **overrides)
     engine, defaults = PRESETS[name]
     defaults = {**defaults, **overrides}
     if cache_dir is not None:
@@ -86,6 +89,25 @@ def make_method(name: str, *, corpus=None, cache_dir=None, progress: bool = Fals
         from concept_edit.engines.nullspace import nullspace_delta
 
         return nullspace_delta(model, p, progress=progress)
+
+    run.__name__ = f"method_{name}"
+    return run
+
+
+def engine_method(name: str, *, corpus=None, progress: bool = False, **overrides):
+    """A registered engine with these settings as a bench callable; the corpus goes to engines
+    whose settings take one (as the presets get it)."""
+    from concept_edit.core.settings import settings_class
+    from concept_edit.engines.registry import ENGINES, compute_delta
+
+    if name not in ENGINES:
+        raise KeyError(f"unknown method {name!r}; available: {', '.join([*PRESETS, *ENGINES])}")
+    fields = {f.name for f in dataclasses.fields(settings_class(name))}
+    values = {**({"corpus": corpus} if corpus is not None and "corpus" in fields else {}), **overrides}
+    settings = build_settings(name, values)
+
+    def run(model, plan: EditPlan) -> ConceptDelta:
+        return compute_delta(model, dataclasses.replace(plan, method=name, settings=settings), progress=progress)
 
     run.__name__ = f"method_{name}"
     return run

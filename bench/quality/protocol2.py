@@ -209,8 +209,10 @@ def build_method(name: str, opts: dict, corpus: list[str], cache_dir: Path):
         from run import uce_method
 
         return lambda model, plan: uce_method(model, plan, **opts)
-    from presets import make_method
+    from presets import PRESETS, make_method
 
+    if name not in PRESETS:  # a registered engine (rece, speed) with its own settings
+        return make_method(name, corpus=corpus, **opts)
     if name.endswith("-distill"):  # stage I targets are cached per concept too
         return make_method(name, corpus=corpus, cache_dir=str(cache_dir), **opts)
     return make_method(name, corpus=corpus, **{"cov_cache_dir": str(Path(cache_dir) / "covariance"), **opts})
