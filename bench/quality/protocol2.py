@@ -76,6 +76,8 @@ LABELS = {
     "nullspace": "null-space fc2 editing (AlphaEdit projector, absolute 2e-2), destination-state targets",
     "nullspace-xattn": "null-space cross-attention editing, destination-state targets",
     "emcid+uce": "EMCID stage II (destination-state targets, alpha 0.5), then UCE on cross-attention",
+    "rece": "RECE (UCE, then 1 round of closed-form adversarial re-erasure; package defaults)",
+    "speed": "SPEED on to_v (IPF, DPA, IEC, retain_scale 1; package defaults)",
 }
 
 

@@ -1,6 +1,6 @@
 """Edit-quality benchmark on the bundled testbed model (ICEB-style metrics, classifier-scored).
 
-    python bench/quality/run.py            # full sweep, writes bench/quality/results.json, README.md, plot
+    python bench/quality/run.py            # full sweep, writes bench/quality/sweep/ (results.json, README.md, plot)
     python bench/quality/run.py --quick    # CI smoke: UCE only, 1 and 10 edits, few prompts
 
 Metrics (p = classifier probability of a concept, M unedited, M^ edited; EMCID paper, ICEB):
@@ -39,7 +39,10 @@ STYLE_TPL = ["a painting of a {o} by {s}"]
 STYLE_PARA = ["{s} painting of a {o}"]
 # EMCID's default C0 weight (10,000, the paper's mom2_update_weight) is absolute while the edit
 # term grows with the edit count: it barely edits below ~100 concepts here, so 1,000 runs alongside
-DEFAULT_METHODS = ["uce", "emcid", "emcid:cov_weight=1000", "nullspace", "nullspace-xattn", "emcid+uce"]
+# RECE and SPEED with the keys the attack benchmark uses (RECE: UCE's original subject-through-padding keys)
+DEFAULT_METHODS = ["uce", "emcid", "emcid:cov_weight=1000", "nullspace", "nullspace-xattn", "emcid+uce",
+                   "rece:token=aligned", "speed"]
+ERASERS = ("uce", "rece", "speed")  # methods made for erasure: by default only they run the erase task
 # the FLUX-shaped testbed: UCE is the method that supports the family; its key-token choices for the
 # bidirectional T5 and its choice of text readers (the context embedder, the pooled-text embedder)
 FLUX_METHODS = ["uce", "uce:token=aligned", "uce:token=all", "uce:readers=context", "uce:readers=pooled"]
@@ -458,7 +461,7 @@ def main(argv=None):
                     "options per method as name:key=value+key=value, e.g. emcid:cov_weight=100+layers=\"0-1\"")
     ap.add_argument("--counts", default=None)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--tasks", default=None, help=f"comma list (default {DEFAULT_TASKS}; by default only UCE methods "
+    ap.add_argument("--tasks", default=None, help=f"comma list (default {DEFAULT_TASKS}; by default only the erasers (UCE, RECE, SPEED) "
                     "run the erase sweep, named here it runs for every method)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", type=Path, default=None, help="diffusers folder (default: the bundled testbed model)")
@@ -485,7 +488,7 @@ def main(argv=None):
         print(f"method {name}", flush=True)
         if "replace" in tasks:
             res["replace"][name] = b.object_sweep(fn, counts, "replace")
-        if (name.startswith("uce") or a.tasks) and not a.quick and "erase" in tasks:
+        if (name.partition(":")[0] in ERASERS or a.tasks) and not a.quick and "erase" in tasks:
             res["erase"][name] = b.object_sweep(fn, counts, "erase")
         if "style" in tasks:
             res["style"][name] = b.style_erasure(fn, [1] if a.quick else [1, 5, 24])
@@ -496,7 +499,8 @@ def main(argv=None):
         res["debias"] = b.debias(per=16, n_images=8, iters=6)
         print(f"debias: {res['debias']}", flush=True)
     res["seconds"] = time.time() - t0
-    out = a.out or (HERE / ("quick" if a.quick else ""))
+    # not bench/quality itself: its README holds the protocol-2 headline, written by hand
+    out = a.out or (HERE / ("quick" if a.quick else "sweep"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(res, indent=1))
     cmd = "python " + " ".join(["bench/quality/run.py"] + (argv if argv is not None else sys.argv[1:]))
