@@ -9,8 +9,10 @@
 ``update: accumulate`` (default) follows the official code: each round edits the *current*
 weights with that round's adversarial keys only, ridge ``adv_ridge`` towards the current weights,
 preserved keys (weight ``adv_preserve_scale``) kept at their current outputs and targets the
-guide keys through the current weights. ``update: resolve`` instead re-solves UCE from the
-original weights with the concept keys plus all adversarial keys found so far.
+guide keys through the current weights. A replace edit's own key rows are kept at their current
+outputs as well (they already reach the destination; the official code erases only).
+``update: resolve`` instead re-solves UCE from the original weights with the concept keys plus all
+adversarial keys found so far.
 
 Every round's change is the current weight times a key-space matrix, so every edited layer's
 total change stays W0 @ left @ right with one shared pair of factors (rank: edit keys + all
@@ -58,6 +60,20 @@ def _per_edit(values: torch.Tensor, owners: list[int]) -> dict[int, float]:
     return {o: round(sum(v) / len(v), 5) for o, v in out.items()}
 
 
+def _round_preserve(P, scale: float, K_replaced: torch.Tensor, w_replaced: torch.Tensor):
+    """Keys an accumulate round keeps at their current outputs, with their weights: the preserve set
+    (weight ``scale``) and the key rows of replace edits (their edit weight). A replaced concept's own
+    keys already reach the destination; left free, the round's edit of the adversarial keys pulls
+    them off it (testbed: the source then drew neither concept). The official code erases only, so
+    erase rows are left as it leaves them."""
+    if K_replaced.shape[0] == 0:
+        return P, scale
+    n = 0 if P is None else P.shape[0]
+    keys = K_replaced if P is None else torch.cat([P.to(K_replaced.dtype), K_replaced])
+    weights = torch.cat([torch.full((n,), float(scale), dtype=torch.float64), w_replaced.to(torch.float64)])
+    return keys, weights
+
+
 def rece_delta(model: EditableModel, plan: EditPlan, *, progress: bool = True) -> ConceptDelta:
     """The RECE edit of ``plan`` on ``model`` as a ConceptDelta (model untouched)."""
     if hasattr(model, "key_spaces"):
@@ -76,6 +92,7 @@ def rece_delta(model: EditableModel, plan: EditPlan, *, progress: bool = True) -
     sel = [i for i, o in enumerate(owners) if plan.edits[o].kind in ATTACKED]
     Kr, Tr, wr = K[sel], T[sel], w[sel]
     own = [owners[i] for i in sel]
+    replace = torch.tensor([plan.edits[o].kind == "replace" for o in own])
 
     sol = uce_solve(K, T, P, lam=s.lam, erase_scale=w, preserve_scale=s.preserve_scale)
     left, right = sol.left, sol.right  # the edited weights are W0 (I + left @ right)
@@ -89,7 +106,8 @@ def rece_delta(model: EditableModel, plan: EditPlan, *, progress: bool = True) -
         dist, dist_own = output_distance(system, C, Kr), output_distance(system, Kr, Kr)
         found.append(C)
         if s.update == "accumulate":  # targets and preserved outputs through the current weights W0 A
-            step = uce_solve(C, Tr, P, lam=s.adv_ridge, erase_scale=wr, preserve_scale=s.adv_preserve_scale)
+            Pr, ps = _round_preserve(P, s.adv_preserve_scale, Kr[replace], wr[replace])
+            step = uce_solve(C, Tr, Pr, lam=s.adv_ridge, erase_scale=wr, preserve_scale=ps)
             left = torch.cat([left, A @ step.left], 1)
             right = torch.cat([right, step.right], 0)
         else:

@@ -168,8 +168,9 @@ def test_more_epochs_continue_the_first_and_grow_the_rank(tiny):
 def test_preserved_outputs_stay_close(tiny):
     """Relative output change of the preserved keys (all cross-attention to_k/to_v). The rounds keep
     them at their current outputs with weight adv_preserve_scale (0.1), so RECE adds some drift to
-    UCE's: measured on the tiny model 0.115 vs UCE's 0.082, against 0.57 for the erased keys; with
-    adv_preserve_scale 1 (the UCE stage's weight) the rounds add almost none (0.085)."""
+    UCE's: measured on the tiny model 0.119 vs UCE's 0.082, against 0.45 for the edited keys (the
+    replaced concept's keys move by UCE's change only: the rounds keep them); with adv_preserve_scale
+    1 (the UCE stage's weight) the rounds add almost none (0.085)."""
     _, model = tiny("sd1")
     plan = _plan()
     W0 = _cross_attention(model)
@@ -184,7 +185,7 @@ def test_preserved_outputs_stay_close(tiny):
     rece = compute_delta(model, plan, progress=False)
     p_rece, k_rece = drift(rece, P), drift(rece, K)
     p_full = drift(compute_delta(model, _plan(adv_preserve_scale=1.0), progress=False), P)
-    assert p_rece < 0.25 * k_rece and p_rece < 1.6 * p_uce, (p_uce, p_rece, k_rece)
+    assert p_rece < 0.3 * k_rece and p_rece < 1.6 * p_uce, (p_uce, p_rece, k_rece)
     assert p_full < 1.1 * p_uce < p_rece, (p_uce, p_full, p_rece)
 
 
@@ -332,3 +333,32 @@ def test_rece_defeats_the_attack_that_undoes_uce_on_the_testbed(one_thread):
     assert r_src <= 0.25, "RECE forgets the prompts"
     assert r_attacked <= 0.25 and r_adaptive <= 0.25, "the attack embeddings no longer draw the object"
     assert r_hold >= 0.75, "the held-out object is kept"
+
+
+@pytest.mark.skipif(not _testbed_ready(), reason="testbed weights not present")
+@pytest.mark.parametrize("token", ["last", "aligned"])
+def test_replaced_object_still_draws_the_destination_on_the_testbed(one_thread, token):
+    """A replace edit through RECE: the rounds keep the concept's own keys at their UCE outputs, so
+    its prompts draw the destination as under UCE (left free, the round's edit of the adversarial
+    keys pulled them off it: the source drew neither object)."""
+    from concept_edit.adapters.diffusers_model import DiffusersModel
+    from concept_edit.core.apply import apply_delta
+    from concept_edit.testbed import demo_plan, get_world, load_classifier, load_testbed_pipeline
+    from concept_edit.testbed.evaluate import concept_hit, generate, head_probs
+
+    pipe, clf, w = load_testbed_pipeline(), load_classifier(), get_world()
+    pipe.set_progress_bar_config(disable=True)
+    demo = demo_plan()
+    src, dst = w.object_by_name(demo["edits"][1]["replace"]), w.object_by_name(demo["edits"][1]["with"])
+    model = DiffusersModel(pipe)
+    plan = plan_from_dict({"method": "rece", "token": token, "edits": [{"replace": src.name, "with": dst.name}],
+                           "preserve": [o.name for o in w.objects[200:300]],
+                           "templates": ["{}", "a photo of a {}", "a painting of a {}"]})
+    delta = compute_delta(model, plan, progress=False)
+    prompts = [t.format(src.name) for t in ("a photo of a {}", "the image of the {}", "a picture of a {}", "a {} photo")]
+    h = apply_delta(delta, model.weights(delta.layers))
+    try:
+        probs = head_probs(clf, generate(pipe, prompts, 7, steps=12))
+    finally:
+        h.remove()
+    assert concept_hit(probs, src).mean() == 0 and concept_hit(probs, dst).mean() >= 0.75
