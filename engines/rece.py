@@ -93,6 +93,7 @@ def rece_delta(model: EditableModel, plan: EditPlan, *, progress: bool = True) -
     Kr, Tr, wr = K[sel], T[sel], w[sel]
     own = [owners[i] for i in sel]
     replace = torch.tensor([plan.edits[o].kind == "replace" for o in own])
+    P_round, p_round = _round_preserve(P, s.adv_preserve_scale, Kr[replace], wr[replace])  # the same every round
 
     sol = uce_solve(K, T, P, lam=s.lam, erase_scale=w, preserve_scale=s.preserve_scale)
     left, right = sol.left, sol.right  # the edited weights are W0 (I + left @ right)
@@ -106,8 +107,7 @@ def rece_delta(model: EditableModel, plan: EditPlan, *, progress: bool = True) -
         dist, dist_own = output_distance(system, C, Kr), output_distance(system, Kr, Kr)
         found.append(C)
         if s.update == "accumulate":  # targets and preserved outputs through the current weights W0 A
-            Pr, ps = _round_preserve(P, s.adv_preserve_scale, Kr[replace], wr[replace])
-            step = uce_solve(C, Tr, Pr, lam=s.adv_ridge, erase_scale=wr, preserve_scale=ps)
+            step = uce_solve(C, Tr, P_round, lam=s.adv_ridge, erase_scale=wr, preserve_scale=p_round)
             left = torch.cat([left, A @ step.left], 1)
             right = torch.cat([right, step.right], 0)
         else:

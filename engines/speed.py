@@ -119,12 +119,12 @@ def speed_delta(model: EditableModel, plan: EditPlan, *, progress: bool = True, 
         sol = speed_solve_layer(W, K, T, weights, proj, Kc, retain_scale=s.retain_scale, lamb=s.lamb)
         ld = LayerDelta(sol.up.float(), sol.down.float()).compact()
         out[name] = ld
+        Wd, D = W.double(), sol.up @ sol.down
         if Kc is not None:  # relative change of the invariant keys' outputs (0 up to rounding unless lamb > 0)
-            Wd = W.double()
-            drift = max(drift, ((Kc @ (sol.up @ sol.down).mT).norm() / (Kc @ Wd.mT).norm()).item())
+            drift = max(drift, ((Kc @ D.mT).norm() / (Kc @ Wd.mT).norm()).item())
         report[name] = {"retained": rm.n_kept, "augmented": rm.n_augmented, "kept_rank": proj.kept_rank,
                         "coverage": round(sol.coverage, 6), "leakage": round(proj.leakage, 6),
-                        "reach": round(reach(W.double(), sol.up @ sol.down, K, T), 4)}
+                        "reach": round(reach(Wd, D, K, T), 4)}
     mean_reach = sum(r["reach"] for r in report.values()) / max(1, len(report))
     if mean_reach < WEAK_REACH:
         warnings.warn(f"speed: the edit closes only {mean_reach:.0%} of the edit keys' distance to their targets "
