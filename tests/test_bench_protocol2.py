@@ -92,16 +92,36 @@ def test_choice_prefers_settings_meeting_the_aim(p2):
              _cell("emcid:cov_weight=100", 450, 0.7, -0.9, -0.9), _cell("emcid:cov_weight=1000", 450, 0.5, -0.3, -0.6)]
     ch = p2.choose(cells)
     assert ch["10"]["spec"] == "emcid:cov_weight=1000" and ch["10"]["meets_aim"]
+    # a setting that edits nothing keeps the holdouts but does not meet the aim
+    ch2 = p2.choose([_cell("emcid:cov_weight=10000", 100, 0.07, -0.03, -0.01), _cell("emcid:cov_weight=1000", 100, 0.87, -0.13, -0.17)])
+    assert ch2["100"]["spec"] == "emcid:cov_weight=1000" and not ch2["100"]["meets_aim"]
     assert ch["450"]["spec"] == "emcid:cov_weight=1000" and not ch["450"]["meets_aim"]  # best S2D + HD in + HD out
+
+
+def test_each_seed_chooses_on_its_own_validation_split(p2, tmp_path):
+    import json
+
+    for seed, good in ((0, "100"), (1, "1000")):  # seed 1's split favours another setting
+        d = tmp_path / "cells" / "val" / f"seed{seed}"
+        d.mkdir(parents=True)
+        for w in ("100", "1000"):
+            c = _cell(f"emcid:cov_weight={w}", 10, 0.9 if w == good else 0.5, -0.01, -0.01) | {"seed": seed}
+            (d / f"{w}.json").write_text(json.dumps(c))
+    ch = p2.tune(tmp_path, {"emcid:cov_weight": ["emcid:cov_weight=100", "emcid:cov_weight=1000"]})
+    assert ch["emcid:cov_weight"]["seed0"]["10"]["value"] == 100
+    assert ch["emcid:cov_weight"]["seed1"]["10"]["value"] == 1000
 
 
 def test_spec_resolution_labels_and_rules(p2):
     name, opts, label = p2.resolve_spec("emcid:cov_per_edit=10", 450, {})
     assert name == "emcid" and opts == {"cov_weight": 4500.0} and "destination's own hidden state" in label
-    choices = {"emcid:cov_weight": {"100": {"value": 1000.0}}}
+    choices = {"emcid:cov_weight": {"seed0": {"100": {"value": 1000.0}}, "seed1": {"100": {"value": 10.0}}}}
     assert p2.resolve_spec("emcid:cov_weight=tuned", 100, choices)[1] == {"cov_weight": 1000.0}
+    assert p2.resolve_spec("emcid:cov_weight=tuned", 100, choices, seed=1)[1] == {"cov_weight": 10.0}
     with pytest.raises(KeyError):
         p2.resolve_spec("emcid:cov_weight=tuned", 10, choices)
+    with pytest.raises(KeyError):  # a seed whose validation split chose nothing
+        p2.resolve_spec("emcid:cov_weight=tuned", 100, choices, seed=2)
 
 
 def test_rule_based_judge_reads_renders(world):

@@ -169,11 +169,11 @@ def wilson(k: int, n: int) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------------------- methods
-def resolve_spec(spec: str, n: int, choices: dict | None) -> tuple[str, dict, str]:
+def resolve_spec(spec: str, n: int, choices: dict | None, seed: int = 0) -> tuple[str, dict, str]:
     """(preset name, settings, label) for a method spec at edit count ``n``.
 
-    ``name:key=value+...`` as run.py; ``key=tuned`` takes the value the validation split chose for
-    this count (protocol2/choices.json); ``cov_per_edit=k`` sets cov_weight = k * n (a rule, one value
+    ``name:key=value+...`` as run.py; ``key=tuned`` takes the value the validation split of the same
+    seed chose for this count (protocol2/choices.json: family -> "seed<k>" -> count); ``cov_per_edit=k`` sets cov_weight = k * n (a rule, one value
     for every count)."""
     from run import parse_method
 
@@ -183,9 +183,10 @@ def resolve_spec(spec: str, n: int, choices: dict | None) -> tuple[str, dict, st
         label = "UCE"
     for k, v in list(opts.items()):
         if v == "tuned":
-            ch = (choices or {}).get(f"{name}:{k}", {})
+            ch = (choices or {}).get(f"{name}:{k}", {}).get(f"seed{seed}", {})
             if str(n) not in ch:
-                raise KeyError(f"no validation choice of {k} for {name} at {n} edits (run `tune` first)")
+                raise KeyError(f"no validation choice of {k} for {name} at {n} edits on seed {seed}'s split "
+                               "(run its validation cells, then `tune`)")
             opts[k] = ch[str(n)]["value"]
             label += f"; {k} {opts[k]:g} (chosen on validation)"
     if "cov_per_edit" in opts:
@@ -317,7 +318,7 @@ class Protocol2:
         from concept_edit.core.plan import plan_from_dict
 
         W = self.world
-        name, opts, label = resolve_spec(spec, n, choices)
+        name, opts, label = resolve_spec(spec, n, choices, self.seed)
         settings = dict(opts)
         templates = PLAN_TEMPLATES[settings.pop("templates", "bench")]
         wide = settings.pop("preserve", "bench") == "wide"
@@ -406,14 +407,15 @@ def cell_path(out: Path, part: str, spec: str, n: int, seed: int) -> Path:
 
 
 # ---------------------------------------------------------------------------------------- tune
-def choose(cells: list[dict], hd_in: float = -0.05, hd_out: float = -0.15) -> dict:
-    """Per count: the setting with the highest S2D (paraphrase) among those whose HD in / out meet the
-    aim (>= hd_in, >= hd_out); if none does, the one with the highest S2D + HD in + HD out."""
+def choose(cells: list[dict], s2d: float = 0.6, hd_in: float = -0.05, hd_out: float = -0.15) -> dict:
+    """Per count: the setting with the highest S2D (paraphrase) among those that meet the aim (S2D >=
+    s2d, HD in >= hd_in, HD out >= hd_out); if none does, the one with the highest S2D + HD in + HD out.
+    The S2D floor matters: a C0 weight that edits nothing keeps every holdout."""
     out = {}
     for n in sorted({c["n"] for c in cells}):
         cs = [c for c in cells if c["n"] == n]
         m = lambda c, k: c["metrics"][k]["mean"]
-        ok = [c for c in cs if m(c, "HD_in") >= hd_in and m(c, "HD_out") >= hd_out]
+        ok = [c for c in cs if m(c, "S2D_para") >= s2d and m(c, "HD_in") >= hd_in and m(c, "HD_out") >= hd_out]
         best = max(ok, key=lambda c: m(c, "S2D_para")) if ok else max(
             cs, key=lambda c: m(c, "S2D_para") + m(c, "HD_in") + m(c, "HD_out"))
         out[str(n)] = {"spec": best["spec"], "meets_aim": bool(ok), "S2D_para": m(best, "S2D_para"),
@@ -422,23 +424,25 @@ def choose(cells: list[dict], hd_in: float = -0.05, hd_out: float = -0.15) -> di
 
 
 def tune(out: Path, families: dict[str, list[str]]) -> dict:
-    """families: "preset:key" -> the validation specs that vary it (``preset:key=value``)."""
+    """families: "preset:key" -> the validation specs that vary it (``preset:key=value``).
+
+    Each seed's split chooses for itself (its test concepts are another seed's validation concepts):
+    returns family -> "seed<k>" -> count -> choice."""
+    from run import parse_method
+
     res = {}
     for fam, specs in families.items():
         key = fam.split(":", 1)[1]
-        cells = []
+        by_seed = {}
         for f in sorted((out / "cells" / "val").glob("seed*/*.json")):
             c = json.loads(f.read_text())
             if c["spec"] in specs:
-                cells.append(c)
-        if not cells:
-            continue
-        ch = choose(cells)
-        for n, v in ch.items():
-            from run import parse_method
-
-            v["value"] = parse_method(v["spec"])[1][key]
-        res[fam] = ch
+                by_seed.setdefault(c["seed"], []).append(c)
+        for seed, cells in sorted(by_seed.items()):
+            ch = choose(cells)
+            for v in ch.values():
+                v["value"] = parse_method(v["spec"])[1][key]
+            res.setdefault(fam, {})[f"seed{seed}"] = ch
     return res
 
 
@@ -586,13 +590,16 @@ def report(out: Path) -> dict:
         lines += table(test)
     if choices:
         lines += ["", "## Choices made on the validation split (`choices.json`)", "",
-                  "Rule: per edit count, the highest S2D (paraphrase) among settings with HD in C0 >= -0.05 and HD outside "
-                  ">= -0.15; if none meets both, the highest S2D + HD in + HD out.", "",
-                  "| setting | edits | chosen | meets the aim on validation | S2D | HD in | HD out |", "|---|---|---|---|---|---|---|"]
-        for fam, ch in choices.items():
-            for n, v in sorted(ch.items(), key=lambda kv: int(kv[0])):
-                lines.append(f"| {fam} | {n} | {v['value']:g} | {'yes' if v['meets_aim'] else 'no'} | {v['S2D_para']:+.2f} | "
-                             f"{v['HD_in']:+.2f} | {v['HD_out']:+.2f} |")
+                  "Rule: per edit count, the highest S2D (paraphrase) among settings that meet the aim (S2D >= 0.6, HD in "
+                  "C0 >= -0.05, HD outside >= -0.15); if none does, the highest S2D + HD in + HD out. Each seed's "
+                  "split chooses on its own validation concepts.", "",
+                  "| setting | split seed | edits | chosen | meets the aim on validation | S2D | HD in | HD out |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for fam, seeds in choices.items():
+            for seed, ch in sorted(seeds.items()):
+                for n, v in sorted(ch.items(), key=lambda kv: int(kv[0])):
+                    lines.append(f"| {fam} | {seed[4:]} | {n} | {v['value']:g} | {'yes' if v['meets_aim'] else 'no'} | "
+                                 f"{v['S2D_para']:+.2f} | {v['HD_in']:+.2f} | {v['HD_out']:+.2f} |")
     if val:
         lines += ["", "## Validation split (selection only; not a result)", "",
                   f"Cells: {len(val)}; {minutes(val):.0f} min. Sources and holdouts: "
