@@ -44,6 +44,7 @@ import hashlib
 import json
 import math
 import random
+import re
 import sys
 import time
 import traceback
@@ -628,10 +629,11 @@ def report(out: Path) -> dict:
         lines += ["", notes.read_text().strip()]
     if test:
         lines += ["", "![protocol 2](quality.png)"]
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        fig, axes = plt.subplots(1, 3, figsize=(13, 4.6))
         by = {}
-        for c in test:
-            by.setdefault(c["spec"], {}).setdefault(c["n"], []).append(c)
+        for c in test:  # EMCID+UCE runs at EMCID's validation choice per count: one line
+            line = re.sub(r"cov_weight=\d+", "cov_weight=EMCID's", c["spec"]) if c["method"] == "emcid+uce" else c["spec"]
+            by.setdefault(line, {}).setdefault(c["n"], []).append(c)
         for spec, rows in by.items():
             ns = sorted(rows)
             ms = [pooled(rows[n]) for n in ns]
@@ -640,8 +642,9 @@ def report(out: Path) -> dict:
                             label=spec)
         for ax, t in zip(axes, ("Source2Dest (paraphrase)", "Holdout Delta, holdouts in C0", "Holdout Delta, holdouts outside C0")):
             ax.set_xscale("log"); ax.set_title(t); ax.set_xlabel("simultaneous edits"); ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=7)
-        fig.tight_layout()
+        handles, names = axes[0].get_legend_handles_labels()
+        fig.legend(handles, names, fontsize=7, loc="lower center", ncol=3)
+        fig.tight_layout(rect=(0, 0.2, 1, 1))
         fig.savefig(out / "quality.png", dpi=110)
         plt.close(fig)
     (out / "README.md").write_text("\n".join(lines) + "\n")
