@@ -174,8 +174,8 @@ def resolve_spec(spec: str, n: int, choices: dict | None, seed: int = 0) -> tupl
     """(preset name, settings, label) for a method spec at edit count ``n``.
 
     ``name:key=value+...`` as run.py; ``key=tuned`` takes the value the validation split of the same
-    seed chose for this count (protocol2/choices.json: family -> "seed<k>" -> count); ``cov_per_edit=k`` sets cov_weight = k * n (a rule, one value
-    for every count)."""
+    seed chose for this count (protocol2/choices.json: family -> "seed<k>" -> count);
+    ``cov_per_edit=k`` sets cov_weight = k * n (a rule, one value for every count)."""
     from run import parse_method
 
     name, opts = parse_method(spec)
@@ -432,11 +432,11 @@ def tune(out: Path, families: dict[str, list[str]]) -> dict:
     from run import parse_method
 
     res = {}
+    val = _load_cells(out, "val")
     for fam, specs in families.items():
         key = fam.split(":", 1)[1]
         by_seed = {}
-        for f in sorted((out / "cells" / "val").glob("seed*/*.json")):
-            c = json.loads(f.read_text())
+        for c in val:
             if c["spec"] in specs:
                 by_seed.setdefault(c["seed"], []).append(c)
         for seed, cells in sorted(by_seed.items()):
