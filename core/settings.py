@@ -290,12 +290,21 @@ class TextEncoderSettings(StageISettings):
                             "first only (EMCID's official code)", choices=("mean", "first"))
 
 
+# EMCID's C0 weight per unit of edit-key energy (cov_weight None): chosen on protocol 2's
+# validation split (bench/quality/protocol2/README.md); the weight then grows with the edit count.
+COV_RATIO = 10.0
+
+
 @dataclass
 class EMCIDSettings(TextEncoderSettings):
     METHOD = "emcid"
     NOT_APPLICABLE = {"lambda": "EMCID's regulariser is cov_weight x C0 (and alpha), not a ridge"}
     alpha: float = _f(0.5, "editing intensity in (0, 1]: weight of the edit term against C0", node=True, min=0.0)
-    cov_weight: float = _f(10000.0, "weight of C0 (EMCID's mom2_update_weight); choose it by edit count", node=True, min=0.0)
+    cov_weight: float | None = _f(None, "weight of C0 (EMCID's mom2_update_weight); None: set per layer from the edit's size, "
+                                  "cov_ratio x tr(K^T K) / tr(C0) over the edit keys K, so it grows with the edit count "
+                                  "(a node's 0 means None)", node=True, min=0.0)
+    cov_ratio: float = _f(COV_RATIO, "with cov_weight None: the C0 weight per unit of edit-key energy, relative to C0's "
+                          "(chosen on protocol 2's validation split, docs/text_encoder_editing.md)", min=0.0)
     key_mode: str = _f("mean", "one key per concept averaged over templates (the paper), or one per prompt", choices=("mean", "each"))
     targets: str = _f("distill", "how target states are found: distill (EMCID's dual self-distillation), images (given "
                       "destination images), text (text alignment only), dest_hidden (the destination's own state)",
@@ -308,9 +317,16 @@ class EMCIDSettings(TextEncoderSettings):
 
     def check(self, given):
         self.check_stage_i(given)
+        if self.cov_weight is not None:
+            self.refuse(given, ["cov_ratio"], "with a fixed cov_weight (cov_ratio sets the weight only when cov_weight is None)")
+            if self.cov_weight == 0:
+                raise SettingsError(f"{self.METHOD}: cov_weight 0 drops C0, the term that keeps unedited concepts; give a positive "
+                                    "weight, or none to have it set from the edit's size")
+        if self.cov_ratio == 0:
+            raise SettingsError(f"{self.METHOD}: cov_ratio 0 drops C0, the term that keeps unedited concepts; give a positive ratio")
 
     def inactive(self):
-        return self.stage_i_inactive()
+        return self.stage_i_inactive() | ({"cov_ratio"} if self.cov_weight is not None else set())
 
 
 @dataclass

@@ -48,6 +48,7 @@ METHODS = {
     "speed": ("SPEED", "speed", ("erase", "replace", "moderate", "debias"), {}, "unet"),
 }
 WIDGET_NAMES = {"lam": "lambda_"}  # widget name -> kept from earlier releases (saved graphs use it)
+OPTIONAL_NUMBER = "float | None"  # a FLOAT widget cannot be empty: its 0 means the setting's None
 
 
 def _valid_choices(engine: str, fixed: dict, key: str, choices) -> list:
@@ -74,6 +75,8 @@ def _widget(f, engine: str, fixed: dict, site: str) -> tuple | None:
     if choices:
         ok = _valid_choices(engine, fixed, key, choices)
         return (ok, {"default": ok[0] if f.default not in ok else f.default, **tip}) if len(ok) > 1 else None
+    if f.default is None and f.type == OPTIONAL_NUMBER:  # a number or unset (EMCID's cov_weight): 0 = unset
+        return ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e9, "step": 0.01, **tip})
     if f.default is None or f.type == "typing.Any":  # free-form (e.g. layer lists): text, empty = default
         return ("STRING", {"default": "", "tooltip": tip["tooltip"] + " (empty: default)"})
     if isinstance(f.default, bool):
@@ -110,11 +113,14 @@ def node_settings(method_key: str, widgets: dict) -> dict:
     user never touched it. Changed from the default, it is refused with the reason."""
     _, engine, _, fixed, _ = METHODS[method_key]
     defaults = {f.name: f.default for f in dataclasses.fields(settings_class(engine))}
+    optional_numbers = {f.name for f in dataclasses.fields(settings_class(engine)) if f.type == OPTIONAL_NUMBER}
     back = {v: k for k, v in WIDGET_NAMES.items()}
     values = dict(fixed)
     for w, v in widgets.items():
         name = back.get(w, w)
         if isinstance(v, str) and not v.strip():
+            continue
+        if name in optional_numbers and v == 0:
             continue
         if name not in fixed and name in defaults and _same(v, defaults[name]):
             continue

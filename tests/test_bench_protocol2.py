@@ -112,9 +112,33 @@ def test_each_seed_chooses_on_its_own_validation_split(p2, tmp_path):
     assert ch["emcid:cov_weight"]["seed1"]["10"]["value"] == 1000
 
 
+def test_one_setting_for_every_count(p2, tmp_path):
+    """A method default is chosen once over every validation count and seed: most cells meeting the
+    aim first (a value that wins at one count only loses), then S2D + HD; missing cells are an error."""
+    cells = []
+    for seed in (0, 1):
+        cells += [_cell("emcid-auto:cov_ratio=10", 10, 0.9, -0.01, -0.01), _cell("emcid-auto:cov_ratio=10", 100, 0.85, -0.04, -0.1),
+                  _cell("emcid-auto:cov_ratio=3", 10, 0.95, -0.0, -0.0), _cell("emcid-auto:cov_ratio=3", 100, 0.9, -0.3, -0.4)]
+        for c in cells[-4:]:
+            c["seed"] = seed
+    ch = p2.choose_across_counts(cells)
+    assert ch["spec"] == "emcid-auto:cov_ratio=10" and ch["cells_meeting_aim"] == 4 and ch["cells"] == 4
+    assert ch["others"]["emcid-auto:cov_ratio=3"]["cells_meeting_aim"] == 2
+    with pytest.raises(ValueError, match="missing"):
+        p2.choose_across_counts(cells[:-1])
+    d = tmp_path / "cells" / "val" / "seed0"
+    d.mkdir(parents=True)
+    for i, c in enumerate(cells):
+        (d / f"{i}.json").write_text(json.dumps(c))
+    fam = {"emcid-auto:cov_ratio": {"across_counts": ["emcid-auto:cov_ratio=10", "emcid-auto:cov_ratio=3"]}}
+    assert p2.tune(tmp_path, fam)["emcid-auto:cov_ratio"]["all"]["value"] == 10
+
+
 def test_spec_resolution_labels_and_rules(p2):
-    name, opts, label = p2.resolve_spec("emcid:cov_per_edit=10", 450, {})
-    assert name == "emcid" and opts == {"cov_weight": 4500.0} and "destination's own hidden state" in label
+    name, opts, label = p2.resolve_spec("emcid-auto", 450, {})
+    assert name == "emcid-auto" and opts == {} and "set by the method" in label and "the package's defaults" in label
+    assert "cov_ratio 30" in p2.resolve_spec("emcid-auto:cov_ratio=30", 10, {})[2]
+    assert "10,000 (the paper's)" in p2.resolve_spec("emcid", 10, {})[2]
     choices = {"emcid:cov_weight": {"seed0": {"100": {"value": 1000.0}}, "seed1": {"100": {"value": 10.0}}}}
     assert p2.resolve_spec("emcid:cov_weight=tuned", 100, choices)[1] == {"cov_weight": 1000.0}
     assert p2.resolve_spec("emcid:cov_weight=tuned", 100, choices, seed=1)[1] == {"cov_weight": 10.0}

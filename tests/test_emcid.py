@@ -230,3 +230,32 @@ def test_resumed_forward_equals_full_forward(tiny, family):
         res = subject_states(model, comp, pr, fc2_layers=[1], out_layers=[1, 2], start=(1, full[("in", 1)]), batch_size=2)
         for k in [("fc2_in", 1), ("out", 1), ("out", 2)]:
             torch.testing.assert_close(res[k], full[k], rtol=1e-5, atol=1e-5)
+
+
+def test_default_c0_weight_grows_with_the_edit(tiny, tmp_path):
+    """With cov_weight unset the engine sets it per layer to cov_ratio x tr(K^T K) / tr(C0): the
+    reported weight is the one used (a fixed cov_weight of that value gives the same delta), it
+    scales with cov_ratio, and it grows with the number of edited concepts."""
+    from concept_edit.engines.emcid import emcid_delta
+
+    _, model = tiny("sd1")
+    name = "text_encoder.text_model.encoder.layers.0.mlp.fc2"
+    more = [Edit("replace", "house", "castle"), Edit("replace", "apple", "pear"), Edit("erase", "river", "")]
+
+    def run(edits=None, **opts):
+        settings = build_settings("emcid", {"targets": "dest_hidden", "layers": "0", "cov_cache_dir": str(tmp_path), **opts})
+        plan = EditPlan(edits=_plan().edits + (edits or []), templates=["a photo of a {}", "{}"], method="emcid",
+                        settings=settings)
+        d = emcid_delta(model, plan, progress=False)
+        return d, d.metadata["layers_report"][name]["cov_weight"]
+
+    auto, w = run()
+    assert "cov_ratio" in auto.metadata["hyperparameters"] and auto.metadata["hyperparameters"]["cov_weight"] is None
+    fixed, w_fixed = run(cov_weight=w)
+    assert w_fixed == w and "cov_ratio" not in fixed.metadata["hyperparameters"]
+    torch.testing.assert_close(auto.layers[name].dense(), fixed.layers[name].dense(), rtol=1e-4, atol=1e-6)
+    doubled, w2 = run(cov_ratio=20.0)
+    assert w2 == pytest.approx(2 * w, rel=1e-3)
+    assert not torch.allclose(doubled.layers[name].dense(), auto.layers[name].dense())
+    _, w6 = run(edits=more)
+    assert 1.5 * w < w6 < 3 * w  # six concepts' keys against three

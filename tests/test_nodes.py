@@ -321,3 +321,18 @@ def test_rece_has_no_moderate_or_debias_node_and_speed_moderates(tiny):
     with pytest.raises(PlanError, match="rece attacks"):
         _node_delta(model, "rece", {}, kind="moderate")
     assert _node_delta(model, "speed", {}, kind="moderate").layers
+
+
+def test_emcid_node_c0_weight_widget_zero_means_set_from_the_edit():
+    """A FLOAT widget cannot be empty: the EMCID nodes' C0 weight shows 0 for "set from the edit's
+    size" (the engine default), and any other value is a fixed weight, as a saved 0.1 workflow's
+    10,000 still is."""
+    from concept_edit.core.settings import build_settings
+    from concept_edit.nodes.edit_nodes import node_settings, setting_widgets
+
+    kind, spec = setting_widgets("emcid")["cov_weight"]
+    assert kind == "FLOAT" and spec["default"] == 0.0 and spec["min"] == 0.0
+    auto = build_settings("emcid", node_settings("emcid", {"cov_weight": 0.0, "alpha": 0.5}))
+    assert auto.cov_weight is None and "cov_ratio" in auto.effective()
+    fixed = build_settings("emcid", node_settings("emcid", {"cov_weight": 10000.0}))
+    assert fixed.cov_weight == 10000.0 and "cov_ratio" not in fixed.effective()

@@ -134,6 +134,7 @@ def test_every_speed_setting_changes_the_delta(tiny, base, changed):
 EMCID_CASES = [
     {"alpha": 0.9},
     {"cov_weight": 10.0},
+    {"cov_weight": None, "cov_ratio": 0.1},  # the default weight, set from the edit's size
     {"layers": "1"},
     {"corpus": CORPUS[:3]},
     {"cov_positions": "tokens"},
@@ -248,6 +249,9 @@ def test_nullspace_reports_measured_preserve_drift(tiny, tmp_path):
     ({"method": "emcid", "edits": EDITS, "options": {"targets": "dest_hidden", "steps": 5}}, "no effect with targets: dest_hidden"),
     ({"method": "emcid", "edits": EDITS, "options": {"targets": "text", "guidance": 5.0}}, "no effect with targets: text"),
     ({"method": "emcid", "edits": EDITS, "alpha": 0}, "in (0, 1]"),
+    ({"method": "emcid", "edits": EDITS, "cov_weight": 1000, "cov_ratio": 30}, "cov_ratio has no effect with a fixed cov_weight"),
+    ({"method": "emcid", "edits": EDITS, "cov_weight": 0}, "cov_weight 0 drops C0"),
+    ({"method": "emcid+uce", "edits": EDITS, "cov_ratio": 0}, "cov_ratio 0 drops C0"),
     ({"method": "nullspace", "edits": EDITS, "options": {"site": "cross_attention", "key_mode": "each"}}, "no effect"),
     ({"method": "nullspace", "edits": EDITS, "options": {"projector": "preserve", "corpus": ["a"]}}, "no effect"),
     ({"method": "nullspace", "edits": EDITS, "options": {"projector": "corpus", "preserve_scale": 2.0}}, "no effect"),

@@ -6,12 +6,17 @@ delta to apply with :func:`concept_edit.core.apply.apply_delta` over ``model.wei
 
 Presets (all cheap enough for 1,000 edits on a CPU except the ``-distill`` ones):
 
-- ``emcid``: stage II over the default layers, alpha 0.5, targets ``dest_hidden``.
+- ``emcid``: stage II over the default layers, alpha 0.5, targets ``dest_hidden``, C0 weight 10,000
+  (the paper's; fixed here, as in every table run before the engine set it by default).
+- ``emcid-auto``: the same with the package's default C0 weight, set from the edit's size
+  (``cov_ratio``; ``engines/emcid.cov_weight``).
 - ``emcid-distill``: the paper's full method (stage I dual self-distillation, cached per concept
   under ``cache_dir``/targets so larger edit counts reuse smaller runs' concepts).
 - ``nullspace``: null-space constrained fc2 editing, projector from corpus + preserve set.
 - ``nullspace-xattn``: null-space constrained cross-attention editing (UCE keys / targets).
 - ``emcid+uce``: EMCID on the text encoder, then UCE on cross-attention over the edited encoder.
+
+Every ``emcid*`` preset but ``emcid-auto`` pins C0 weight 10,000; ``name:cov_weight=W`` overrides it.
 
 - ``emcid-t5`` / ``nullspace-t5``, ``emcid-clip`` / ``nullspace-clip`` (FLUX / SD3): the same
   methods on the T5 encoder's ``DenseReluDense.wo`` layers only, or on the CLIP encoders' ``mlp.fc2``
@@ -31,15 +36,19 @@ from concept_edit.core.delta import ConceptDelta
 from concept_edit.core.plan import EditPlan
 from concept_edit.core.settings import build_settings
 
+PAPER_C0_WEIGHT = 10000.0  # EMCID's mom2_update_weight; the engine default until session 13
+
 PRESETS: dict[str, tuple[str, dict]] = {
-    "emcid": ("emcid", {"targets": "dest_hidden", "alpha": 0.5}),
-    "emcid-distill": ("emcid", {"targets": "distill", "alpha": 0.5, "steps": 200, "batch_concepts": 16}),
+    "emcid": ("emcid", {"targets": "dest_hidden", "alpha": 0.5, "cov_weight": PAPER_C0_WEIGHT}),
+    "emcid-auto": ("emcid", {"targets": "dest_hidden", "alpha": 0.5}),
+    "emcid-distill": ("emcid", {"targets": "distill", "alpha": 0.5, "steps": 200, "batch_concepts": 16,
+                                "cov_weight": PAPER_C0_WEIGHT}),
     "nullspace": ("nullspace", {"site": "text_encoder", "projector": "both", "targets": "dest_hidden"}),
     "nullspace-xattn": ("nullspace", {"site": "cross_attention", "projector": "both", "targets": "dest_hidden"}),
-    "emcid+uce": ("emcid+uce", {"targets": "dest_hidden", "alpha": 0.5}),
+    "emcid+uce": ("emcid+uce", {"targets": "dest_hidden", "alpha": 0.5, "cov_weight": PAPER_C0_WEIGHT}),
     # FLUX / SD3 text encoders, one kind at a time
-    "emcid-t5": ("emcid", {"targets": "dest_hidden", "alpha": 0.5, "encoders": "t5"}),
-    "emcid-clip": ("emcid", {"targets": "dest_hidden", "alpha": 0.5, "encoders": "clip"}),
+    "emcid-t5": ("emcid", {"targets": "dest_hidden", "alpha": 0.5, "encoders": "t5", "cov_weight": PAPER_C0_WEIGHT}),
+    "emcid-clip": ("emcid", {"targets": "dest_hidden", "alpha": 0.5, "encoders": "clip", "cov_weight": PAPER_C0_WEIGHT}),
     "nullspace-t5": ("nullspace", {"site": "text_encoder", "projector": "both", "targets": "dest_hidden", "encoders": "t5"}),
     "nullspace-clip": ("nullspace", {"site": "text_encoder", "projector": "both", "targets": "dest_hidden",
                                      "encoders": "clip"}),

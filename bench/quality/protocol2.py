@@ -52,6 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
+from concept_edit.core.settings import COV_RATIO
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 OUT = HERE / "protocol2"
@@ -73,6 +75,7 @@ CORPUS_N = 10_000  # captions drawn before the out-of-corpus drop (C0 is a mean:
 LABELS = {
     "uce": "UCE, package defaults (lambda 0.5, erase 1, preserve 1, last-token keys, 3 templates)",
     "emcid": "EMCID stage II only: targets = destination's own hidden state (not the paper's stage I), alpha 0.5",
+    "emcid-auto": "EMCID stage II, destination-state targets, alpha 0.5, C0 weight set by the method from the edit's size",
     "emcid-distill": "EMCID with the paper's stage I (dual self-distillation, 200 steps), alpha 0.5",
     "nullspace": "null-space fc2 editing (AlphaEdit projector, absolute 2e-2), destination-state targets",
     "nullspace-xattn": "null-space cross-attention editing, destination-state targets",
@@ -174,8 +177,7 @@ def resolve_spec(spec: str, n: int, choices: dict | None, seed: int = 0) -> tupl
     """(preset name, settings, label) for a method spec at edit count ``n``.
 
     ``name:key=value+...`` as run.py; ``key=tuned`` takes the value the validation split of the same
-    seed chose for this count (protocol2/choices.json: family -> "seed<k>" -> count);
-    ``cov_per_edit=k`` sets cov_weight = k * n (a rule, one value for every count)."""
+    seed chose for this count (protocol2/choices.json: family -> "seed<k>" -> count)."""
     from run import parse_method
 
     name, opts = parse_method(spec)
@@ -190,21 +192,21 @@ def resolve_spec(spec: str, n: int, choices: dict | None, seed: int = 0) -> tupl
                                "(run its validation cells, then `tune`)")
             opts[k] = ch[str(n)]["value"]
             label += f"; {k} {opts[k]:g} (chosen on validation)"
-    if "cov_per_edit" in opts:
-        k = opts.pop("cov_per_edit")
-        opts["cov_weight"] = float(k) * n
-        label += f"; cov_weight = {k:g} x edits = {opts['cov_weight']:g}"
     for k, v in opts.items():
-        if k == "cov_weight" and "cov_weight =" not in label and "chosen" not in label:
+        if k == "cov_weight" and "chosen" not in label:
             label += f"; cov_weight {v:g}"
+        elif k == "cov_ratio":
+            label += f"; cov_ratio {v:g}"
         elif k == "templates":
             label += f"; templates {PLAN_TEMPLATES[v]}"
         elif k == "preserve":
             label += "; preserve set: every object outside the edit and the evaluation holdouts" if v == "wide" else ""
-        elif k not in ("cov_weight",) and f"{k} " not in label:
+        elif k not in ("cov_weight", "cov_ratio") and f"{k} " not in label:
             label += f"; {k} {v}"
-    if name.startswith("emcid") and "cov_weight" not in opts:
-        label += "; cov_weight 10,000 (paper / engine default)"
+    if name == "emcid-auto" and "cov_ratio" not in opts:
+        label += f"; cov_ratio {COV_RATIO:g}: the package's defaults"
+    elif name.startswith("emcid") and name != "emcid-auto" and "cov_weight" not in opts:
+        label += "; cov_weight 10,000 (the paper's)"
     return name, opts, label
 
 
@@ -424,17 +426,46 @@ def choose(cells: list[dict], s2d: float = 0.6, hd_in: float = -0.05, hd_out: fl
     return out
 
 
-def tune(out: Path, families: dict[str, list[str]]) -> dict:
-    """families: "preset:key" -> the validation specs that vary it (``preset:key=value``).
+def choose_across_counts(cells: list[dict], **aim) -> dict:
+    """One setting for every edit count (a method's default): the spec that meets the aim (as in
+    :func:`choose`) in the most (count, seed) cells; ties by the mean over those cells of S2D + HD in
+    + HD out. Every candidate must have a cell at every (count, seed) any of them has."""
+    m = lambda c, k: c["metrics"][k]["mean"]
+    floor = {"s2d": 0.6, "hd_in": -0.05, "hd_out": -0.15, **aim}
+    meets = lambda c: (m(c, "S2D_para") >= floor["s2d"] and m(c, "HD_in") >= floor["hd_in"]
+                       and m(c, "HD_out") >= floor["hd_out"])
+    by_spec: dict[str, list[dict]] = {}
+    for c in cells:
+        by_spec.setdefault(c["spec"], []).append(c)
+    where = {(c["n"], c["seed"]) for c in cells}
+    short = {s: sorted(where - {(c["n"], c["seed"]) for c in cs}) for s, cs in by_spec.items()}
+    if any(short.values()):
+        raise ValueError(f"validation cells missing (count, seed): { {s: v for s, v in short.items() if v} }")
+    score = {s: (sum(map(meets, cs)), float(np.mean([m(c, "S2D_para") + m(c, "HD_in") + m(c, "HD_out") for c in cs])))
+             for s, cs in by_spec.items()}
+    best = max(score, key=score.get)
+    return {"spec": best, "cells_meeting_aim": score[best][0], "cells": len(by_spec[best]),
+            "mean_S2D_plus_HD": score[best][1], "counts": sorted({n for n, _ in where}),
+            "seeds": sorted({k for _, k in where}),
+            "others": {s: {"cells_meeting_aim": v[0], "mean_S2D_plus_HD": v[1]} for s, v in score.items() if s != best}}
 
-    Each seed's split chooses for itself (its test concepts are another seed's validation concepts):
-    returns family -> "seed<k>" -> count -> choice."""
+
+def tune(out: Path, families: dict) -> dict:
+    """families: "preset:key" -> the validation specs that vary it (``preset:key=value``), or
+    {"across_counts": specs} for a setting chosen once for every count and seed (a method default).
+
+    Otherwise each seed's split chooses for itself (its test concepts are another seed's validation
+    concepts): returns family -> "seed<k>" -> count -> choice."""
     from run import parse_method
 
     res = {}
     val = _load_cells(out, "val")
     for fam, specs in families.items():
         key = fam.split(":", 1)[1]
+        if isinstance(specs, dict):
+            ch = choose_across_counts([c for c in val if c["spec"] in specs["across_counts"]])
+            res[fam] = {"all": ch | {"value": parse_method(ch["spec"])[1][key]}}
+            continue
         by_seed = {}
         for c in val:
             if c["spec"] in specs:
@@ -596,11 +627,23 @@ def report(out: Path) -> dict:
                   "split chooses on its own validation concepts.", "",
                   "| setting | split seed | edits | chosen | meets the aim on validation | S2D | HD in | HD out |",
                   "|---|---|---|---|---|---|---|---|"]
+        once = {fam: v["all"] for fam, v in choices.items() if "all" in v}
         for fam, seeds in choices.items():
-            for seed, ch in sorted(seeds.items()):
+            for seed, ch in sorted(seeds.items()) if fam not in once else ():
                 for n, v in sorted(ch.items(), key=lambda kv: int(kv[0])):
                     lines.append(f"| {fam} | {seed[4:]} | {n} | {v['value']:g} | {'yes' if v['meets_aim'] else 'no'} | "
                                  f"{v['S2D_para']:+.2f} | {v['HD_in']:+.2f} | {v['HD_out']:+.2f} |")
+        if once:
+            lines += ["", "One value for every count (a method default; `choose_across_counts`): the value meeting the aim "
+                      "in the most validation cells (count x seed), ties by mean S2D + HD in + HD out.", "",
+                      "| setting | chosen | counts | seeds | cells meeting the aim | mean S2D + HD in + HD out | others |",
+                      "|---|---|---|---|---|---|---|"]
+            for fam, v in once.items():
+                others = "; ".join(f"{s.split('=')[-1]}: {o['cells_meeting_aim']}, {o['mean_S2D_plus_HD']:+.2f}"
+                                   for s, o in sorted(v["others"].items()))
+                lines.append(f"| {fam} | {v['value']:g} | {', '.join(map(str, v['counts']))} | "
+                             f"{', '.join(map(str, v['seeds']))} | {v['cells_meeting_aim']} / {v['cells']} | "
+                             f"{v['mean_S2D_plus_HD']:+.2f} | {others} |")
     if val:
         lines += ["", "## Validation split (selection only; not a result)", "",
                   f"Cells: {len(val)}; {minutes(val):.0f} min. Sources and holdouts: "
