@@ -136,7 +136,7 @@ def test_one_setting_for_every_count(p2, tmp_path):
 
 def test_spec_resolution_labels_and_rules(p2):
     name, opts, label = p2.resolve_spec("emcid-auto", 450, {})
-    assert name == "emcid-auto" and opts == {} and "set by the method" in label and "the package's defaults" in label
+    assert name == "emcid-auto" and opts == {} and "set by the method" in label and "the package's default" in label
     assert "cov_ratio 30" in p2.resolve_spec("emcid-auto:cov_ratio=30", 10, {})[2]
     assert "10,000 (the paper's)" in p2.resolve_spec("emcid", 10, {})[2]
     choices = {"emcid:cov_weight": {"seed0": {"100": {"value": 1000.0}}, "seed1": {"100": {"value": 10.0}}}}

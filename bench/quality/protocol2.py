@@ -193,7 +193,9 @@ def resolve_spec(spec: str, n: int, choices: dict | None, seed: int = 0) -> tupl
             opts[k] = ch[str(n)]["value"]
             label += f"; {k} {opts[k]:g} (chosen on validation)"
     for k, v in opts.items():
-        if k == "cov_weight" and "chosen" not in label:
+        if k == "cov_weight" and v is None:  # unset: the engine's default, set from the edit's size
+            label += f"; C0 weight set by the method from the edit's size (cov_ratio {opts.get('cov_ratio', COV_RATIO):g})"
+        elif k == "cov_weight" and "chosen" not in label:
             label += f"; cov_weight {v:g}"
         elif k == "cov_ratio":
             label += f"; cov_ratio {v:g}"
@@ -204,7 +206,7 @@ def resolve_spec(spec: str, n: int, choices: dict | None, seed: int = 0) -> tupl
         elif k not in ("cov_weight", "cov_ratio") and f"{k} " not in label:
             label += f"; {k} {v}"
     if name == "emcid-auto" and "cov_ratio" not in opts:
-        label += f"; cov_ratio {COV_RATIO:g}: the package's defaults"
+        label += f"; cov_ratio {COV_RATIO:g}: the package's default"
     elif name.startswith("emcid") and name != "emcid-auto" and "cov_weight" not in opts:
         label += "; cov_weight 10,000 (the paper's)"
     return name, opts, label
