@@ -16,23 +16,24 @@ here). The public EMCID code (``execute_emcid_*``) instead compares z* with the 
 follow MEMIT's definition, under which alpha -> 1 drives z to z* exactly.
 
 Settings: :class:`~..core.settings.EMCIDSettings` (``alpha``, ``cov_weight`` — by default set per
-layer from the edit's size, :func:`cov_weight` — ``layers``, the C0 corpus and positions, stage I). The edit term weighs each concept's keys by its ``weight`` (else
-``erase_scale``): W above. The preserve set (each concept in every template, plus "" unless
-``preserve_empty`` is false) is held as in UCE: its keys at each layer join the edit term with zero
-residual and weight ``preserve_scale`` (s Kp^T Kp above), so their fc2 outputs stay where they are.
+layer from the edit's size, :func:`cov_weight` — ``layers``, the C0 corpus and positions, stage I).
+The edit term weighs each concept's keys by its ``weight`` (else ``erase_scale``): W above. The
+preserve set (each concept in every template, plus "" unless ``preserve_empty`` is false) is held as
+in UCE: its keys at each layer join the edit term with zero residual and weight ``preserve_scale``
+(s Kp^T Kp above), so their fc2 outputs stay where they are.
 
 Departures from the official EMCID code, each a setting: ``cov_weight`` (default: set from the
 edit's size; the official code takes a fixed ``mom2_update_weight``, give ``cov_weight: 10000`` for
-the paper's); ``cov_positions`` "padded" (default:
-all 77 positions the pipeline feeds, the keys the model sees at inference; the official code uses
-real tokens only, "tokens", through the attention mask; padded C0 has more mass, so the paper's
-cov_weight of 10,000 edits 2.6-3.2x less here); ``target_anchor`` "mean" (the multi-layer residual
-measured on every template; official: the first template, "first"). Not settings, documented in
-docs/text_encoder_editing.md: the default layers (every read layer but the last, for every family;
-the official SDXL hparams edit text encoder 1 layers 8-10 and text encoder 2 layers 26-30 with 100
-stage I steps at lr 0.1 — pass ``layers: {text_encoder: "8-10", text_encoder_2: "26-30"}, steps: 100,
-lr: 0.1`` for those) and the default caption corpus (41 captions; too few samples for SDXL's
-5,120-wide fc2 keys: pass a corpus, the C0 info reports ``rank_deficient``).
+the paper's); ``cov_positions`` "padded" (default: all 77 positions the pipeline feeds, the keys the
+model sees at inference; the official code uses real tokens only, "tokens", through the attention
+mask; padded C0 has more mass, so the paper's cov_weight of 10,000 edits 2.6-3.2x less here);
+``target_anchor`` "mean" (the multi-layer residual measured on every template; official: the first
+template, "first"). Not settings, documented in docs/text_encoder_editing.md: the default layers
+(every read layer but the last, for every family; the official SDXL hparams edit text encoder 1
+layers 8-10 and text encoder 2 layers 26-30 with 100 stage I steps at lr 0.1 — pass ``layers:
+{text_encoder: "8-10", text_encoder_2: "26-30"}, steps: 100, lr: 0.1`` for those) and the default
+caption corpus (41 captions; too few samples for SDXL's 5,120-wide fc2 keys: pass a corpus, the C0
+info reports ``rank_deficient``).
 """
 from __future__ import annotations
 
