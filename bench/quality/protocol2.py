@@ -197,7 +197,7 @@ def resolve_spec(spec: str, n: int, choices: dict | None, seed: int = 0) -> tupl
             label += f"; C0 weight set by the method from the edit's size (cov_ratio {opts.get('cov_ratio', COV_RATIO):g})"
         elif k == "cov_weight" and "chosen" not in label:
             label += f"; cov_weight {v:g}"
-        elif k == "cov_ratio":
+        elif k == "cov_ratio" and opts.get("cov_weight", 0) is not None:  # else in the cov_weight label
             label += f"; cov_ratio {v:g}"
         elif k == "templates":
             label += f"; templates {PLAN_TEMPLATES[v]}"
@@ -679,12 +679,13 @@ def report(out: Path) -> dict:
         for c in test:  # EMCID+UCE runs at EMCID's validation choice per count: one line
             line = re.sub(r"cov_weight=\d+", "cov_weight=EMCID's", c["spec"]) if c["method"] == "emcid+uce" else c["spec"]
             by.setdefault(line, {}).setdefault(c["n"], []).append(c)
-        for spec, rows in by.items():
+        colours = plt.get_cmap("tab20").colors  # more lines than the default cycle's 10 colours
+        for i, (spec, rows) in enumerate(by.items()):
             ns = sorted(rows)
             ms = [pooled(rows[n]) for n in ns]
             for ax, k in zip(axes, ("S2D_para", "HD_in", "HD_out")):
-                ax.errorbar(ns, [m[k]["mean"] for m in ms], yerr=[m[k]["ci"] for m in ms], marker="o", capsize=3,
-                            label=spec)
+                ax.errorbar(ns, [m[k]["mean"] for m in ms], yerr=[m[k]["ci"] for m in ms], marker="os^D"[i % 4],
+                            capsize=3, color=colours[(2 * i) % 20 + (i // 10) % 2], label=spec)
         for ax, t in zip(axes, ("Source2Dest (paraphrase)", "Holdout Delta, holdouts in C0", "Holdout Delta, holdouts outside C0")):
             ax.set_xscale("log"); ax.set_title(t); ax.set_xlabel("simultaneous edits"); ax.grid(alpha=0.3)
         handles, names = axes[0].get_legend_handles_labels()
