@@ -205,10 +205,14 @@ def resolve_spec(spec: str, n: int, choices: dict | None, seed: int = 0) -> tupl
             label += "; preserve set: every object outside the edit and the evaluation holdouts" if v == "wide" else ""
         elif k not in ("cov_weight", "cov_ratio") and f"{k} " not in label:
             label += f"; {k} {v}"
-    if name == "emcid-auto" and "cov_ratio" not in opts:
-        label += f"; cov_ratio {COV_RATIO:g}: the package's default"
-    elif name.startswith("emcid") and name != "emcid-auto" and "cov_weight" not in opts:
-        label += "; cov_weight 10,000 (the paper's)"
+    if name.startswith("emcid") and "cov_weight" not in opts:  # the preset's own C0 weight
+        from presets import PRESETS
+
+        pinned = PRESETS[name][1].get("cov_weight")
+        if pinned is not None:
+            label += f"; cov_weight {pinned:,.0f} (the paper's)"
+        elif "cov_ratio" not in opts:
+            label += f"; cov_ratio {COV_RATIO:g}: the package's default"
     return name, opts, label
 
 
@@ -412,19 +416,33 @@ def cell_path(out: Path, part: str, spec: str, n: int, seed: int) -> Path:
 
 
 # ---------------------------------------------------------------------------------------- tune
-def choose(cells: list[dict], s2d: float = 0.6, hd_in: float = -0.05, hd_out: float = -0.15) -> dict:
+AIM = {"s2d": 0.6, "hd_in": -0.05, "hd_out": -0.15}  # issue 15's aim: S2D and Holdout Delta floors
+
+
+def _mean(c: dict, k: str) -> float:
+    return c["metrics"][k]["mean"]
+
+
+def meets_aim(c: dict, s2d: float, hd_in: float, hd_out: float) -> bool:
+    return _mean(c, "S2D_para") >= s2d and _mean(c, "HD_in") >= hd_in and _mean(c, "HD_out") >= hd_out
+
+
+def aim_score(c: dict) -> float:
+    """The fallback when nothing meets the aim: S2D + HD in + HD out."""
+    return _mean(c, "S2D_para") + _mean(c, "HD_in") + _mean(c, "HD_out")
+
+
+def choose(cells: list[dict], s2d: float = AIM["s2d"], hd_in: float = AIM["hd_in"], hd_out: float = AIM["hd_out"]) -> dict:
     """Per count: the setting with the highest S2D (paraphrase) among those that meet the aim (S2D >=
     s2d, HD in >= hd_in, HD out >= hd_out); if none does, the one with the highest S2D + HD in + HD out.
     The S2D floor matters: a C0 weight that edits nothing keeps every holdout."""
     out = {}
     for n in sorted({c["n"] for c in cells}):
         cs = [c for c in cells if c["n"] == n]
-        m = lambda c, k: c["metrics"][k]["mean"]
-        ok = [c for c in cs if m(c, "S2D_para") >= s2d and m(c, "HD_in") >= hd_in and m(c, "HD_out") >= hd_out]
-        best = max(ok, key=lambda c: m(c, "S2D_para")) if ok else max(
-            cs, key=lambda c: m(c, "S2D_para") + m(c, "HD_in") + m(c, "HD_out"))
-        out[str(n)] = {"spec": best["spec"], "meets_aim": bool(ok), "S2D_para": m(best, "S2D_para"),
-                       "HD_in": m(best, "HD_in"), "HD_out": m(best, "HD_out")}
+        ok = [c for c in cs if meets_aim(c, s2d, hd_in, hd_out)]
+        best = max(ok, key=lambda c: _mean(c, "S2D_para")) if ok else max(cs, key=aim_score)
+        out[str(n)] = {"spec": best["spec"], "meets_aim": bool(ok), "S2D_para": _mean(best, "S2D_para"),
+                       "HD_in": _mean(best, "HD_in"), "HD_out": _mean(best, "HD_out")}
     return out
 
 
@@ -432,10 +450,7 @@ def choose_across_counts(cells: list[dict], **aim) -> dict:
     """One setting for every edit count (a method's default): the spec that meets the aim (as in
     :func:`choose`) in the most (count, seed) cells; ties by the mean over those cells of S2D + HD in
     + HD out. Every candidate must have a cell at every (count, seed) any of them has."""
-    m = lambda c, k: c["metrics"][k]["mean"]
-    floor = {"s2d": 0.6, "hd_in": -0.05, "hd_out": -0.15, **aim}
-    meets = lambda c: (m(c, "S2D_para") >= floor["s2d"] and m(c, "HD_in") >= floor["hd_in"]
-                       and m(c, "HD_out") >= floor["hd_out"])
+    floor = {**AIM, **aim}
     by_spec: dict[str, list[dict]] = {}
     for c in cells:
         by_spec.setdefault(c["spec"], []).append(c)
@@ -443,7 +458,7 @@ def choose_across_counts(cells: list[dict], **aim) -> dict:
     short = {s: sorted(where - {(c["n"], c["seed"]) for c in cs}) for s, cs in by_spec.items()}
     if any(short.values()):
         raise ValueError(f"validation cells missing (count, seed): { {s: v for s, v in short.items() if v} }")
-    score = {s: (sum(map(meets, cs)), float(np.mean([m(c, "S2D_para") + m(c, "HD_in") + m(c, "HD_out") for c in cs])))
+    score = {s: (sum(meets_aim(c, **floor) for c in cs), float(np.mean([aim_score(c) for c in cs])))
              for s, cs in by_spec.items()}
     best = max(score, key=score.get)
     return {"spec": best, "cells_meeting_aim": score[best][0], "cells": len(by_spec[best]),
